@@ -1,0 +1,1 @@
+//! Pure ONNX graph construction.
