@@ -1,1 +1,97 @@
-fn main() {}
+//! `carrot-export`: Hugging Face checkpoint in, ONNX graphs out.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use carrot_export::pipeline::{self, ExportPlan, WeightFormat};
+use carrot_graphs::llama::Logits;
+use clap::Parser;
+
+/// Export a Carrot/Bunny vision-language checkpoint (or a plain Llama) to ONNX graphs.
+#[derive(Parser, Debug)]
+#[command(name = "carrot-export", version, about)]
+struct Cli {
+    /// Hugging Face model directory: merged Carrot/Bunny checkpoint, Bunny LoRA output, or plain Llama.
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// Output directory (written to a temporary sibling, renamed at the end).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Base LLM directory for a LoRA output directory.
+    #[arg(long, value_name = "DIR")]
+    base: Option<PathBuf>,
+    /// Extra PEFT LoRA adapter directories, merged in order.
+    #[arg(long = "lora", value_name = "DIR")]
+    loras: Vec<PathBuf>,
+    /// Local SigLIP directory (overrides the configured vision tower).
+    #[arg(long, value_name = "DIR")]
+    vision_tower: Option<PathBuf>,
+    /// Weight format.
+    #[arg(long, default_value = "fp16", value_parser = ["fp32", "fp16", "bf16", "int4", "int8"])]
+    dtype: String,
+    /// Graph flavor.
+    #[arg(long, default_value = "portable", value_parser = ["portable", "ort"])]
+    flavor: String,
+    /// Logits for every position (`all`) or only the last one (`last`).
+    #[arg(long, default_value = "all", value_parser = ["all", "last"])]
+    logits: String,
+    /// Replace an existing --out.
+    #[arg(long)]
+    force: bool,
+    /// No progress bars.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let format = WeightFormat::parse(&cli.dtype).with_context(|| format!("--dtype {}", cli.dtype))?;
+    let plan = ExportPlan {
+        model: cli.model,
+        out: cli.out,
+        base: cli.base,
+        loras: cli.loras,
+        vision_tower: cli.vision_tower,
+        format,
+        flavor: cli.flavor,
+        logits: if cli.logits == "last" { Logits::Last } else { Logits::All },
+        force: cli.force,
+        progress: !cli.quiet,
+    };
+    let summary = pipeline::export(&plan)?;
+    eprintln!(
+        "exported {} ({}, {}) to {} in {:.1} s, {} tensors",
+        if summary.multimodal { "vision + embed + decoder" } else { "embed + decoder" },
+        summary.dtype,
+        plan.flavor,
+        summary.out.display(),
+        summary.seconds,
+        summary.tensors
+    );
+    for (file, bytes) in &summary.files {
+        eprintln!("  {file:<28} {:>12}", human_bytes(*bytes));
+    }
+    Ok(())
+}
+
+fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{b} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}

@@ -1,1 +1,16 @@
-//! Pure ONNX graph construction.
+//! Pure ONNX graph construction for Carrot: SigLIP, the projector and the Llama decoder.
+//!
+//! Nothing here opens a file or talks to ONNX Runtime. Weights arrive through
+//! [`weights::WeightSource`]; large initializers leave through the external-data sink given to
+//! the builder.
+
+pub mod config;
+pub mod weights;
+pub mod builder;
+pub mod external;
+pub mod onnx;
+pub mod llama;
+pub mod nn;
+pub mod projector;
+pub mod siglip;
+pub mod vision;

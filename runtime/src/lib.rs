@@ -1,1 +1,9 @@
 //! Runtime for exported Carrot graphs.
+
+pub mod ort_lib;
+pub mod preprocess;
+pub mod prompt;
+pub mod generate;
+pub mod device;
+pub mod engine;
+pub mod providers;

@@ -1,1 +1,170 @@
 //! Shared helpers for the end-to-end tests.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// The workspace root (the folder holding the top-level `Cargo.toml`).
+pub fn workspace_root() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).to_path_buf()
+}
+
+/// Loads ONNX Runtime once per test process and returns its environment (every `ort` session
+/// is built from one: `Session::builder(init_ort()?)`).
+///
+/// The library is `$CARROT_ORT_LIB`, else `.cache/onnxruntime/1.31.1/libonnxruntime.so.1.31.1`
+/// in the workspace (filled by `scripts/setup.sh`).
+pub fn init_ort() -> anyhow::Result<&'static ort::environment::Environment> {
+    static ENV: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
+    let env = ENV.get_or_init(|| {
+        let path = std::env::var_os("CARROT_ORT_LIB")
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                workspace_root().join(".cache/onnxruntime/1.31.1/libonnxruntime.so.1.31.1")
+            });
+        if !path.is_file() {
+            return Err(format!(
+                "ONNX Runtime library {} not found: run `bash scripts/setup.sh` or set CARROT_ORT_LIB",
+                path.display()
+            ));
+        }
+        let builder = ort::init_from(&path)
+            .map_err(|e| format!("loading ONNX Runtime from {}: {e}", path.display()))?;
+        builder
+            .with_name("carrot-tests")
+            .build()
+            .map_err(|e| format!("creating the ONNX Runtime environment: {e}"))
+    });
+    env.as_ref().map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Runs `onnx.checker.check_model(path, full_check=True)` on each file (through
+/// `tests/python/check_model.py`) and panics with the checker's message if one fails.
+///
+/// The interpreter is `$CARROT_PYTHON` (default `python3`) and must have `onnx==1.23.2`. With
+/// `CARROT_SKIP_PYTHON=1` the check is skipped with a note on stderr.
+pub fn check_onnx(paths: &[&Path]) {
+    if std::env::var("CARROT_SKIP_PYTHON").is_ok_and(|v| v == "1") {
+        eprintln!("skipping the ONNX checker on {paths:?}: CARROT_SKIP_PYTHON=1");
+        return;
+    }
+    let python = std::env::var_os("CARROT_PYTHON")
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| "python3".into());
+    let shown = Path::new(&python).display().to_string();
+    let probe = Command::new(&python).args(["-c", "import onnx"]).output();
+    match probe {
+        Ok(out) if out.status.success() => {}
+        outcome => {
+            let why = match outcome {
+                Ok(out) => String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+                Err(e) => e.to_string(),
+            };
+            panic!(
+                "the ONNX checker needs Python with onnx==1.23.2, but `{shown} -c \"import onnx\"` failed \
+                 ({why}); run the setup in `.ci/run` (scripts/test.sh makes .venv-test) or set \
+                 CARROT_PYTHON to such an interpreter (CARROT_SKIP_PYTHON=1 skips this check)"
+            );
+        }
+    }
+    let script = workspace_root().join("tests/python/check_model.py");
+    let out = Command::new(&python)
+        .arg(&script)
+        .args(paths)
+        .output()
+        .unwrap_or_else(|e| panic!("running {shown} {}: {e}", script.display()));
+    if !out.status.success() {
+        panic!(
+            "ONNX checker rejected {paths:?}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// How far `actual` is from `expected` under `|a - e| <= atol + rtol * |e|`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Closeness {
+    pub max_abs_error: f32,
+    /// Elements outside the tolerance (a length mismatch counts every element).
+    pub mismatches: usize,
+    /// Index of the first element outside the tolerance.
+    pub first_mismatch: Option<usize>,
+    pub len: usize,
+}
+
+/// Compares two flat f32 slices element by element (NaN never matches).
+pub fn allclose(actual: &[f32], expected: &[f32], atol: f32, rtol: f32) -> Closeness {
+    let mut c = Closeness {
+        max_abs_error: 0.0,
+        mismatches: 0,
+        first_mismatch: None,
+        len: expected.len(),
+    };
+    if actual.len() != expected.len() {
+        c.mismatches = actual.len().max(expected.len());
+        c.first_mismatch = Some(actual.len().min(expected.len()));
+        c.max_abs_error = f32::INFINITY;
+        return c;
+    }
+    for (i, (&a, &e)) in actual.iter().zip(expected).enumerate() {
+        let err = (a - e).abs();
+        c.max_abs_error = if err.is_nan() || c.max_abs_error.is_nan() {
+            f32::NAN
+        } else {
+            c.max_abs_error.max(err)
+        };
+        if !(err <= atol + rtol * e.abs()) {
+            c.mismatches += 1;
+            c.first_mismatch.get_or_insert(i);
+        }
+    }
+    c
+}
+
+/// Panics with the max error, the mismatch count and the first mismatching element unless
+/// `actual` is within `atol + rtol * |expected|` of `expected` everywhere.
+#[track_caller]
+pub fn assert_allclose(what: &str, actual: &[f32], expected: &[f32], atol: f32, rtol: f32) {
+    let c = allclose(actual, expected, atol, rtol);
+    if c.mismatches == 0 {
+        return;
+    }
+    let first = c.first_mismatch.unwrap_or(0);
+    panic!(
+        "{what}: {} of {} elements differ beyond atol {atol} + rtol {rtol}; max abs error {}; \
+         first at index {first}: got {:?}, expected {:?} (lengths {} vs {})",
+        c.mismatches,
+        c.len,
+        c.max_abs_error,
+        actual.get(first),
+        expected.get(first),
+        actual.len(),
+        expected.len()
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allclose_reports_count_max_error_and_first_index() {
+        let c = allclose(&[1.0, 2.5, 3.0, 9.0], &[1.0, 2.0, 3.0, 4.0], 1e-3, 1e-3);
+        assert_eq!(
+            (c.mismatches, c.first_mismatch, c.max_abs_error),
+            (2, Some(1), 5.0)
+        );
+        assert_eq!(
+            allclose(&[1.0, 2.0], &[1.0, 2.0001], 1e-3, 0.0).mismatches,
+            0
+        );
+        assert_eq!(allclose(&[f32::NAN], &[1.0], 1.0, 1.0).mismatches, 1);
+        assert_eq!(
+            allclose(&[1.0], &[1.0, 2.0], 1.0, 1.0).first_mismatch,
+            Some(1)
+        );
+    }
+}

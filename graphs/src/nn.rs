@@ -1,0 +1,220 @@
+//! Building blocks shared by the model graphs: linear layers, norms, activations, attention.
+//!
+//! Each helper mirrors one PyTorch module or function and names its nodes after it, under the
+//! builder's current scope (`/model/layers.3/attn/q_proj/MatMul`).
+
+use crate::builder::{BuildError, ElemType, GraphBuilder, Value};
+use crate::config::DType;
+use crate::weights::{Tensor, WeightError, WeightSource};
+
+/// Anything that can stop a graph from being built.
+#[derive(thiserror::Error, Debug)]
+pub enum GraphError {
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    #[error(transparent)]
+    Weight(#[from] WeightError),
+    #[error("tensor {name}: expected shape {expected:?}, found {actual:?}")]
+    Shape { name: String, expected: Vec<usize>, actual: Vec<usize> },
+    #[error("{0}")]
+    Config(String),
+}
+
+pub type Result<T> = std::result::Result<T, GraphError>;
+
+/// What every model graph is built with: the builder, the weights and the weight dtype.
+pub struct Ctx<'a> {
+    pub b: &'a mut GraphBuilder,
+    pub weights: &'a mut dyn WeightSource,
+    pub dtype: DType,
+}
+
+impl Ctx<'_> {
+    /// The element type of activations and weights in this graph.
+    pub fn elem(&self) -> ElemType {
+        ElemType::from(self.dtype)
+    }
+
+    /// Fetch `name` from the weight source and check its shape.
+    pub fn fetch(&mut self, name: &str, expected: &[usize]) -> Result<Tensor> {
+        let t = self.weights.tensor(name)?;
+        if t.shape != expected {
+            return Err(GraphError::Shape { name: name.into(), expected: expected.to_vec(), actual: t.shape });
+        }
+        Ok(t)
+    }
+
+    /// Store a tensor as an initializer in `dtype`.
+    pub fn store(&mut self, name: &str, t: &Tensor, dtype: DType) -> Result<Value> {
+        Ok(self.b.initializer(name, ElemType::from(dtype), &t.shape, &t.to_bytes(dtype))?)
+    }
+
+    /// Fetch a weight, check its shape and store it in the graph's dtype under its own name.
+    pub fn param(&mut self, name: &str, expected: &[usize]) -> Result<Value> {
+        let t = self.fetch(name, expected)?;
+        self.store(name, &t, self.dtype)
+    }
+
+    /// Like [`Ctx::param`] but always stored as float32 (norm parameters applied in fp32).
+    pub fn param_f32(&mut self, name: &str, expected: &[usize]) -> Result<Value> {
+        let t = self.fetch(name, expected)?;
+        self.store(name, &t, DType::F32)
+    }
+
+    /// A scalar constant in the activation dtype.
+    pub fn scalar(&mut self, name: &str, value: f64) -> Result<Value> {
+        let elem = self.elem();
+        Ok(self.b.const_scalar(name, elem, value)?)
+    }
+
+    /// Cast to float32 unless already float32.
+    pub fn to_f32(&mut self, name: &str, x: &Value) -> Result<Value> {
+        if self.dtype == DType::F32 { Ok(x.clone()) } else { Ok(self.b.cast(name, x, ElemType::F32)?) }
+    }
+
+    /// Cast from float32 back to the activation dtype unless it is float32.
+    pub fn from_f32(&mut self, name: &str, x: &Value) -> Result<Value> {
+        if self.dtype == DType::F32 {
+            Ok(x.clone())
+        } else {
+            let elem = self.elem();
+            Ok(self.b.cast(name, x, elem)?)
+        }
+    }
+}
+
+/// `nn.Linear(in_features, out_features)` with weights under `key` (`key.weight`, `key.bias`).
+///
+/// The checkpoint stores the weight `[out, in]`; the graph keeps it transposed as
+/// `key.weight.T` `[in, out]` for `MatMul`.
+///
+/// ```text
+///   x ──MatMul(key.weight.T)──[Add(key.bias)]──▶ y
+/// ```
+pub fn linear(ctx: &mut Ctx<'_>, scope: &str, key: &str, x: &Value, in_f: usize, out_f: usize, bias: bool) -> Result<Value> {
+    let w = ctx.fetch(&format!("{key}.weight"), &[out_f, in_f])?.transposed();
+    let dtype = ctx.dtype;
+    let w = ctx.store(&format!("{key}.weight.T"), &w, dtype)?;
+    ctx.b.push_scope(scope);
+    let result = (|| {
+        let y = ctx.b.matmul("MatMul", x, &w)?;
+        if bias {
+            let bv = ctx.param(&format!("{key}.bias"), &[out_f])?;
+            Ok(ctx.b.add("Add", &y, &bv)?)
+        } else {
+            Ok(y)
+        }
+    })();
+    ctx.b.pop_scope();
+    result
+}
+
+/// `LlamaRMSNorm`: computed in float32, cast back, then multiplied by the weight.
+///
+/// ```text
+///   x ─Cast(f32)─┬─Mul(x,x)─ReduceMean(-1)─Add(eps)─Sqrt─Reciprocal─┐
+///                └──────────────────────────────────────────────────Mul─Cast(dtype)─Mul(weight)─▶ y
+/// ```
+pub fn rms_norm(ctx: &mut Ctx<'_>, scope: &str, key: &str, x: &Value, dim: usize, eps: f64) -> Result<Value> {
+    let weight = ctx.param(&format!("{key}.weight"), &[dim])?;
+    ctx.b.push_scope(scope);
+    let result = (|| {
+        let x32 = ctx.to_f32("Cast", x)?;
+        let sq = ctx.b.mul("Pow", &x32, &x32)?;
+        let axes = ctx.b.const_i64("axes", &[-1])?;
+        let var = ctx.b.reduce_mean("ReduceMean", &sq, &axes, true)?;
+        let eps = ctx.b.const_scalar("eps", ElemType::F32, eps)?;
+        let var = ctx.b.add("Add", &var, &eps)?;
+        let std = ctx.b.sqrt("Sqrt", &var)?;
+        let inv = ctx.b.op("Reciprocal", "Reciprocal", &[&std]).build()?;
+        let normed = ctx.b.mul("Mul", &x32, &inv)?;
+        let normed = ctx.from_f32("Cast_1", &normed)?;
+        Ok(ctx.b.mul("Mul_1", &normed, &weight)?)
+    })();
+    ctx.b.pop_scope();
+    result
+}
+
+/// `nn.LayerNorm(dim, eps)` over the last axis, computed in float32.
+pub fn layer_norm(ctx: &mut Ctx<'_>, scope: &str, key: &str, x: &Value, dim: usize, eps: f64) -> Result<Value> {
+    let weight = ctx.param_f32(&format!("{key}.weight"), &[dim])?;
+    let bias = ctx.param_f32(&format!("{key}.bias"), &[dim])?;
+    ctx.b.push_scope(scope);
+    let result = (|| {
+        let x32 = ctx.to_f32("Cast", x)?;
+        let y = ctx.b.layer_norm("LayerNormalization", &x32, &weight, &bias, -1, eps)?;
+        ctx.from_f32("Cast_1", &y)
+    })();
+    ctx.b.pop_scope();
+    result
+}
+
+/// Exact GELU: `0.5 · x · (1 + erf(x / √2))` (PyTorch `nn.GELU()`).
+pub fn gelu_erf(ctx: &mut Ctx<'_>, scope: &str, x: &Value) -> Result<Value> {
+    ctx.b.push_scope(scope);
+    let result = (|| {
+        let inv_sqrt2 = ctx.scalar("inv_sqrt2", std::f64::consts::FRAC_1_SQRT_2)?;
+        let half = ctx.scalar("half", 0.5)?;
+        let one = ctx.scalar("one", 1.0)?;
+        let t = ctx.b.mul("Mul", x, &inv_sqrt2)?;
+        let e = ctx.b.erf("Erf", &t)?;
+        let e1 = ctx.b.add("Add", &e, &one)?;
+        let hx = ctx.b.mul("Mul_1", x, &half)?;
+        Ok(ctx.b.mul("Mul_2", &hx, &e1)?)
+    })();
+    ctx.b.pop_scope();
+    result
+}
+
+/// Tanh-approximate GELU: `0.5 · x · (1 + tanh(√(2/π) · (x + 0.044715 x³)))` (`gelu_pytorch_tanh`).
+pub fn gelu_tanh(ctx: &mut Ctx<'_>, scope: &str, x: &Value) -> Result<Value> {
+    ctx.b.push_scope(scope);
+    let result = (|| {
+        let c = ctx.scalar("sqrt_2_over_pi", (2.0 / std::f64::consts::PI).sqrt())?;
+        let k = ctx.scalar("coeff", 0.044715)?;
+        let half = ctx.scalar("half", 0.5)?;
+        let one = ctx.scalar("one", 1.0)?;
+        let x2 = ctx.b.mul("Mul", x, x)?;
+        let x3 = ctx.b.mul("Mul_1", &x2, x)?;
+        let kx3 = ctx.b.mul("Mul_2", &x3, &k)?;
+        let inner = ctx.b.add("Add", x, &kx3)?;
+        let inner = ctx.b.mul("Mul_3", &inner, &c)?;
+        let t = ctx.b.tanh("Tanh", &inner)?;
+        let t1 = ctx.b.add("Add_1", &t, &one)?;
+        let hx = ctx.b.mul("Mul_4", x, &half)?;
+        Ok(ctx.b.mul("Mul_5", &hx, &t1)?)
+    })();
+    ctx.b.pop_scope();
+    result
+}
+
+/// `x · sigmoid(1.702 x)` (`quick_gelu`).
+pub fn quick_gelu(ctx: &mut Ctx<'_>, scope: &str, x: &Value) -> Result<Value> {
+    ctx.b.push_scope(scope);
+    let result = (|| {
+        let k = ctx.scalar("coeff", 1.702)?;
+        let kx = ctx.b.mul("Mul", x, &k)?;
+        let s = ctx.b.sigmoid("Sigmoid", &kx)?;
+        Ok(ctx.b.mul("Mul_1", x, &s)?)
+    })();
+    ctx.b.pop_scope();
+    result
+}
+
+/// `silu(x) = x · sigmoid(x)`.
+pub fn silu(ctx: &mut Ctx<'_>, scope: &str, x: &Value) -> Result<Value> {
+    ctx.b.push_scope(scope);
+    let result = (|| {
+        let s = ctx.b.sigmoid("Sigmoid", x)?;
+        Ok(ctx.b.mul("Mul", x, &s)?)
+    })();
+    ctx.b.pop_scope();
+    result
+}
+
+/// Softmax over the last axis in float32, then back to the activation dtype, as eager attention
+/// does (`softmax(scores, dim=-1, dtype=torch.float32).to(dtype)`). `scores` is already float32.
+pub fn softmax_f32(ctx: &mut Ctx<'_>, scores32: &Value) -> Result<Value> {
+    let p = ctx.b.softmax("Softmax", scores32, -1)?;
+    ctx.from_f32("Cast_softmax", &p)
+}

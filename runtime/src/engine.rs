@@ -1,0 +1,410 @@
+//! An exported directory loaded into ONNX Runtime sessions, and the decoder step that the
+//! generation loop drives.
+//!
+//! The KV cache stays in ONNX Runtime values: each step's `present.{i}.*` outputs are kept as
+//! they are and bound as the next step's `past_key_values.{i}.*` inputs, never copied through
+//! host arrays. Only embeddings are assembled on the host (text rows from embed.onnx and image
+//! rows from vision.onnx, spliced in prompt order).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use carrot_contract::{Manifest, ManifestError, names};
+use half::{bf16, f16};
+use ort::session::Session;
+use ort::session::builder::GraphOptimizationLevel;
+use ort::value::{DynValue, Tensor};
+
+use crate::device::{Device, DeviceError};
+use crate::generate::{BoxError, Model, Segment, StepInput};
+
+#[derive(thiserror::Error, Debug)]
+pub enum EngineError {
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error(transparent)]
+    OrtLib(#[from] crate::ort_lib::OrtLibError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error("{path}: missing graph file (listed in carrot.json)")]
+    MissingGraph { path: PathBuf },
+    #[error("cannot load {path}: {reason}")]
+    Session { path: PathBuf, reason: String },
+    #[error("{graph} has no {kind} `{name}`, which carrot.json requires")]
+    Interface { graph: String, kind: &'static str, name: String },
+    #[error("this model has no vision graph; it cannot take images")]
+    NoVision,
+    #[error("{what}: {reason}")]
+    Run { what: String, reason: String },
+}
+
+fn run_err(what: &str, e: impl std::fmt::Display) -> EngineError {
+    EngineError::Run { what: what.into(), reason: e.to_string() }
+}
+
+/// The element type of activations (`activation_dtype` in the manifest).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActDType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl ActDType {
+    fn from_manifest(name: &str) -> Self {
+        match name {
+            "float16" => ActDType::F16,
+            "bfloat16" => ActDType::BF16,
+            _ => ActDType::F32,
+        }
+    }
+}
+
+/// Rows of activations held on the host, in the activation dtype.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HostRows {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    BF16(Vec<bf16>),
+}
+
+impl HostRows {
+    fn empty(dtype: ActDType) -> Self {
+        match dtype {
+            ActDType::F32 => HostRows::F32(Vec::new()),
+            ActDType::F16 => HostRows::F16(Vec::new()),
+            ActDType::BF16 => HostRows::BF16(Vec::new()),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            HostRows::F32(v) => v.len(),
+            HostRows::F16(v) => v.len(),
+            HostRows::BF16(v) => v.len(),
+        }
+    }
+
+    /// Append `src[start..end]` (element indices) to self; both must have the same dtype.
+    fn extend_from(&mut self, src: &HostRows, start: usize, end: usize) -> Result<(), EngineError> {
+        match (self, src) {
+            (HostRows::F32(d), HostRows::F32(s)) => d.extend_from_slice(&s[start..end]),
+            (HostRows::F16(d), HostRows::F16(s)) => d.extend_from_slice(&s[start..end]),
+            (HostRows::BF16(d), HostRows::BF16(s)) => d.extend_from_slice(&s[start..end]),
+            _ => return Err(run_err("inputs_embeds", "image features and text embeddings differ in dtype")),
+        }
+        Ok(())
+    }
+
+    fn from_value(v: &DynValue, what: &str) -> Result<(Vec<usize>, HostRows), EngineError> {
+        use ort::value::TensorElementType as T;
+        let ty = v.dtype().tensor_type();
+        let shape = |s: &ort::value::Shape| s.iter().map(|&d| d as usize).collect::<Vec<_>>();
+        match ty {
+            Some(T::Float32) => {
+                let (s, d) = v.try_extract_tensor::<f32>().map_err(|e| run_err(what, e))?;
+                Ok((shape(s), HostRows::F32(d.to_vec())))
+            }
+            Some(T::Float16) => {
+                let (s, d) = v.try_extract_tensor::<f16>().map_err(|e| run_err(what, e))?;
+                Ok((shape(s), HostRows::F16(d.to_vec())))
+            }
+            Some(T::Bfloat16) => {
+                let (s, d) = v.try_extract_tensor::<bf16>().map_err(|e| run_err(what, e))?;
+                Ok((shape(s), HostRows::BF16(d.to_vec())))
+            }
+            other => Err(run_err(what, format!("unexpected element type {other:?}"))),
+        }
+    }
+
+    fn into_value(self, shape: Vec<usize>) -> Result<DynValue, EngineError> {
+        let v = match self {
+            HostRows::F32(d) => Tensor::from_array((shape, d)).map(|t| t.into_dyn()),
+            HostRows::F16(d) => Tensor::from_array((shape, d)).map(|t| t.into_dyn()),
+            HostRows::BF16(d) => Tensor::from_array((shape, d)).map(|t| t.into_dyn()),
+        };
+        v.map_err(|e| run_err("inputs_embeds", e))
+    }
+}
+
+/// One image's projected features: `[num_image_tokens, hidden_size]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageFeatures {
+    pub rows: usize,
+    pub hidden: usize,
+    pub data: HostRows,
+}
+
+/// KV cache of one sequence: `2 × num_layers` ONNX Runtime values in decoder input order.
+pub struct KvCache {
+    values: Vec<DynValue>,
+    len: usize,
+}
+
+impl std::fmt::Debug for KvCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvCache").field("len", &self.len).finish_non_exhaustive()
+    }
+}
+
+impl KvCache {
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// How to load an exported directory.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    /// Intra-op threads per session; `None` lets ONNX Runtime choose.
+    pub threads: Option<usize>,
+    /// Explicit `libonnxruntime.so`.
+    pub ort_lib: Option<PathBuf>,
+    /// Where TensorRT keeps engine and timing caches (default: `OUT/.trt-cache`).
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { device: Device::Cpu, threads: None, ort_lib: None, cache_dir: None }
+    }
+}
+
+/// A loaded exported directory.
+pub struct Engine {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    /// The device the sessions run on (`auto` resolved).
+    pub device: Device,
+    vision: Option<Session>,
+    embed: Session,
+    decoder: Session,
+    act: ActDType,
+    /// Time spent creating sessions.
+    pub load_ms: f64,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("dir", &self.dir).field("device", &self.device).finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// Read `DIR/carrot.json`, create one session per graph and check every graph's inputs and
+    /// outputs against the manifest.
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self, EngineError> {
+        let start = Instant::now();
+        let manifest = Manifest::read_dir(dir)?;
+        crate::ort_lib::init(opts.ort_lib.as_deref())?;
+        let device = crate::providers::resolve(&opts.device)?;
+        let act = ActDType::from_manifest(&manifest.activation_dtype);
+        let open = |file: &str| -> Result<Session, EngineError> {
+            let path = dir.join(file);
+            if !path.is_file() {
+                return Err(EngineError::MissingGraph { path });
+            }
+            crate::providers::session(&path, &device, opts, &manifest)
+        };
+        let vision = match &manifest.graphs.vision {
+            Some(file) => Some(open(file)?),
+            None => None,
+        };
+        let embed = open(&manifest.graphs.embed)?;
+        let decoder = open(&manifest.graphs.decoder)?;
+        let engine = Engine {
+            dir: dir.to_path_buf(),
+            device,
+            vision,
+            embed,
+            decoder,
+            act,
+            load_ms: 0.0,
+            manifest,
+        };
+        engine.check_interfaces()?;
+        Ok(Engine { load_ms: start.elapsed().as_secs_f64() * 1e3, ..engine })
+    }
+
+    fn check_interfaces(&self) -> Result<(), EngineError> {
+        let m = &self.manifest;
+        let check = |session: &Session, graph: &str, inputs: &[String], outputs: &[String]| {
+            for name in inputs {
+                if !session.inputs().iter().any(|o| o.name() == name) {
+                    return Err(EngineError::Interface { graph: graph.into(), kind: "input", name: name.clone() });
+                }
+            }
+            for name in outputs {
+                if !session.outputs().iter().any(|o| o.name() == name) {
+                    return Err(EngineError::Interface { graph: graph.into(), kind: "output", name: name.clone() });
+                }
+            }
+            Ok(())
+        };
+        if let (Some(session), Some(file)) = (&self.vision, &m.graphs.vision) {
+            check(session, file, &[names::PIXEL_VALUES.into()], &[names::IMAGE_FEATURES.into()])?;
+        }
+        check(&self.embed, &m.graphs.embed, &[names::INPUT_IDS.into()], &[names::INPUTS_EMBEDS.into()])?;
+        check(
+            &self.decoder,
+            &m.graphs.decoder,
+            &names::decoder_inputs(m.text.num_layers),
+            &names::decoder_outputs(m.text.num_layers),
+        )
+    }
+
+    pub fn has_vision(&self) -> bool {
+        self.vision.is_some()
+    }
+
+    /// Run vision.onnx on preprocessed images (`[3, S, S]` each) → one [`ImageFeatures`] per image.
+    pub fn encode_images(&mut self, pixel_values: &[Vec<f32>]) -> Result<Vec<ImageFeatures>, EngineError> {
+        let vision_cfg = self.manifest.vision.clone().ok_or(EngineError::NoVision)?;
+        let session = self.vision.as_mut().ok_or(EngineError::NoVision)?;
+        let s = vision_cfg.image_size;
+        let mut out = Vec::with_capacity(pixel_values.len());
+        for pixels in pixel_values {
+            if pixels.len() != 3 * s * s {
+                return Err(run_err("pixel_values", format!("expected 3x{s}x{s} values, got {}", pixels.len())));
+            }
+            let input = Tensor::from_array((vec![1usize, 3, s, s], pixels.clone())).map_err(|e| run_err("pixel_values", e))?;
+            let outputs = session
+                .run(vec![(names::PIXEL_VALUES, input.into_dyn())])
+                .map_err(|e| run_err("vision.onnx", e))?;
+            let value = outputs.get(names::IMAGE_FEATURES).ok_or_else(|| run_err("vision.onnx", "no image_features"))?;
+            let (shape, data) = HostRows::from_value(value, "image_features")?;
+            let [_, rows, hidden] = shape[..] else {
+                return Err(run_err("image_features", format!("unexpected shape {shape:?}")));
+            };
+            out.push(ImageFeatures { rows, hidden, data });
+        }
+        Ok(out)
+    }
+
+    /// Run embed.onnx on `ids` → `[ids.len(), hidden]` rows.
+    fn embed(&mut self, ids: &[u32]) -> Result<HostRows, EngineError> {
+        let ids64: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
+        let input = Tensor::from_array((vec![1usize, ids.len()], ids64)).map_err(|e| run_err("input_ids", e))?;
+        let outputs = self.embed.run(vec![(names::INPUT_IDS, input.into_dyn())]).map_err(|e| run_err("embed.onnx", e))?;
+        let value = outputs.get(names::INPUTS_EMBEDS).ok_or_else(|| run_err("embed.onnx", "no inputs_embeds"))?;
+        Ok(HostRows::from_value(value, "inputs_embeds")?.1)
+    }
+
+    fn empty_cache(&self) -> Result<KvCache, EngineError> {
+        let t = &self.manifest.text;
+        let mut values = Vec::with_capacity(2 * t.num_layers);
+        for _ in 0..2 * t.num_layers {
+            let shape = vec![1usize, t.num_kv_heads, 0, t.head_dim];
+            values.push(HostRows::empty(self.act).into_value(shape)?);
+        }
+        Ok(KvCache { values, len: 0 })
+    }
+
+    fn run_step(&mut self, cache: &mut KvCache, input: &StepInput<'_, ImageFeatures>) -> Result<Vec<f32>, EngineError> {
+        let hidden = self.manifest.text.hidden_size;
+        let seq = input.seq_len();
+        let text_ids: Vec<u32> = input
+            .segments
+            .iter()
+            .filter_map(|s| match s {
+                Segment::Tokens(ids) => Some(ids.iter().copied()),
+                Segment::Image { .. } => None,
+            })
+            .flatten()
+            .collect();
+        let text = if text_ids.is_empty() { HostRows::empty(self.act) } else { self.embed(&text_ids)? };
+        let mut embeds = HostRows::empty(self.act);
+        let mut text_row = 0;
+        for segment in input.segments {
+            match segment {
+                Segment::Tokens(ids) => {
+                    embeds.extend_from(&text, text_row * hidden, (text_row + ids.len()) * hidden)?;
+                    text_row += ids.len();
+                }
+                Segment::Image { index, rows } => {
+                    let image = input
+                        .images
+                        .get(*index)
+                        .ok_or_else(|| run_err("inputs_embeds", format!("no image {index}")))?;
+                    if image.hidden != hidden || rows.end > image.rows {
+                        return Err(run_err(
+                            "image_features",
+                            format!("image is {}x{}, decoder wants width {hidden}", image.rows, image.hidden),
+                        ));
+                    }
+                    embeds.extend_from(&image.data, rows.start * hidden, rows.end * hidden)?;
+                }
+            }
+        }
+        if embeds.len() != seq * hidden {
+            return Err(run_err("inputs_embeds", format!("{} values for {seq} positions", embeds.len())));
+        }
+        let embeds = embeds.into_value(vec![1, seq, hidden])?;
+        let mask = Tensor::from_array((vec![1usize, input.attention_mask.len()], input.attention_mask.to_vec()))
+            .map_err(|e| run_err("attention_mask", e))?;
+        let positions = Tensor::from_array((vec![1usize, seq], input.position_ids.to_vec()))
+            .map_err(|e| run_err("position_ids", e))?;
+
+        let layers = self.manifest.text.num_layers;
+        let mut feeds: Vec<(String, ort::session::SessionInputValue<'_>)> = Vec::with_capacity(3 + 2 * layers);
+        feeds.push((names::INPUTS_EMBEDS.into(), embeds.into()));
+        feeds.push((names::ATTENTION_MASK.into(), mask.into_dyn().into()));
+        feeds.push((names::POSITION_IDS.into(), positions.into_dyn().into()));
+        for i in 0..layers {
+            feeds.push((names::past_key(i), (&cache.values[2 * i]).into()));
+            feeds.push((names::past_value(i), (&cache.values[2 * i + 1]).into()));
+        }
+        let mut outputs = self.decoder.run(feeds).map_err(|e| run_err("decoder.onnx", e))?;
+        let logits = outputs.get(names::LOGITS).ok_or_else(|| run_err("decoder.onnx", "no logits"))?;
+        let (shape, data) = logits.try_extract_tensor::<f32>().map_err(|e| run_err("logits", e))?;
+        let vocab = shape.last().copied().unwrap_or(0) as usize;
+        if vocab == 0 || data.len() < vocab {
+            return Err(run_err("logits", format!("unexpected shape {shape:?}")));
+        }
+        let last = data[data.len() - vocab..].to_vec();
+        let mut next = Vec::with_capacity(2 * layers);
+        for i in 0..layers {
+            for name in [names::present_key(i), names::present_value(i)] {
+                next.push(outputs.remove(&name).ok_or_else(|| run_err("decoder.onnx", format!("no {name}")))?);
+            }
+        }
+        drop(outputs);
+        cache.values = next;
+        cache.len = input.past_len + seq;
+        Ok(last)
+    }
+}
+
+impl Model for Engine {
+    type Cache = KvCache;
+    type Image = ImageFeatures;
+
+    fn num_image_tokens(&self) -> usize {
+        self.manifest.vision.as_ref().map_or(0, |v| v.num_image_tokens)
+    }
+
+    fn new_cache(&mut self) -> Result<Self::Cache, BoxError> {
+        Ok(self.empty_cache()?)
+    }
+
+    fn step(&mut self, cache: &mut Self::Cache, input: &StepInput<'_, Self::Image>) -> Result<Vec<f32>, BoxError> {
+        Ok(self.run_step(cache, input)?)
+    }
+}
+
+/// Build a session with the standard options (used by `providers`).
+pub(crate) fn session_builder(opts: &LoadOptions) -> Result<ort::session::builder::SessionBuilder, String> {
+    let env = crate::ort_lib::environment().ok_or("ONNX Runtime is not initialised")?;
+    let mut b = Session::builder(env).map_err(|e| e.to_string())?;
+    b = b.with_optimization_level(GraphOptimizationLevel::Level3).map_err(|e| e.to_string())?;
+    if let Some(n) = opts.threads {
+        b = b.with_intra_threads(n).map_err(|e| e.to_string())?;
+    }
+    Ok(b)
+}

@@ -1,0 +1,270 @@
+//! The prefill/decode loop: positions, mask and past length bookkeeping around [`Model::step`].
+
+use std::num::NonZeroUsize;
+use std::time::Instant;
+
+use super::{Decode, Sampler, TextStream};
+use super::{
+    Event, FinishReason, GenerateError, Model, Output, PromptPart, Request, Segment, StepInput,
+    Timings, prompt_len, prompt_segments,
+};
+
+/// Runs a whole generation, handing each [`Event`] to `on_event` as it happens.
+pub fn generate<M: Model, D: Decode + ?Sized>(
+    model: &mut M,
+    decoder: &D,
+    request: &Request<M::Image>,
+    mut on_event: impl FnMut(Event),
+) -> Result<Output, GenerateError> {
+    let mut generation = Generation::new(model, decoder, request)?;
+    while let Some(event) = generation.next_event()? {
+        on_event(event);
+    }
+    Ok(generation.into_output())
+}
+
+/// A generation in progress, one [`Event`] at a time; also an iterator over them.
+///
+/// Each call to [`Generation::next_event`] runs at most one prefill (all its chunks) or one
+/// decode step. Dropping it stops the generation.
+pub struct Generation<'a, M: Model, D: Decode + ?Sized> {
+    model: &'a mut M,
+    decoder: &'a D,
+    request: &'a Request<M::Image>,
+    cache: M::Cache,
+    sampler: Sampler,
+    stream: TextStream,
+    num_image_tokens: usize,
+    prompt_len: usize,
+    /// Most tokens this generation may produce: `max_new_tokens` within the context length.
+    limit: usize,
+    position_ids: Vec<i64>,
+    attention_mask: Vec<i64>,
+    state: State,
+    finish_reason: Option<FinishReason>,
+    timings: Timings,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum State {
+    Prefill,
+    Decode { last: u32 },
+    Finishing,
+    Done,
+}
+
+impl<'a, M: Model, D: Decode + ?Sized> Generation<'a, M, D> {
+    /// Checks the request and creates the cache; runs nothing yet.
+    pub fn new(
+        model: &'a mut M,
+        decoder: &'a D,
+        request: &'a Request<M::Image>,
+    ) -> Result<Self, GenerateError> {
+        let options = &request.options;
+        let mut sampler = Sampler::new(options.sampling.clone())?;
+        let num_image_tokens = model.num_image_tokens();
+        for part in &request.prompt {
+            match part {
+                PromptPart::Image(index) if *index >= request.images.len() => {
+                    return Err(GenerateError::MissingImage {
+                        index: *index,
+                        count: request.images.len(),
+                    });
+                }
+                PromptPart::Image(_) => {}
+                PromptPart::Tokens(ids) => sampler.observe(ids),
+            }
+        }
+        let prompt_len = prompt_len(&request.prompt, num_image_tokens);
+        if prompt_len == 0 {
+            return Err(GenerateError::EmptyPrompt);
+        }
+        if prompt_len >= options.max_length {
+            return Err(GenerateError::ContextOverflow {
+                prompt_len,
+                max_length: options.max_length,
+            });
+        }
+        let limit = options.max_new_tokens.min(options.max_length - prompt_len);
+        let cache = model.new_cache().map_err(GenerateError::NewCache)?;
+        let chunk = options
+            .prefill_chunk
+            .map_or(prompt_len, NonZeroUsize::get)
+            .min(prompt_len);
+        Ok(Self {
+            model,
+            decoder,
+            request,
+            cache,
+            sampler,
+            stream: TextStream::new(),
+            num_image_tokens,
+            prompt_len,
+            limit,
+            position_ids: Vec::with_capacity(chunk),
+            attention_mask: Vec::with_capacity(prompt_len + limit),
+            state: State::Prefill,
+            finish_reason: None,
+            timings: Timings::default(),
+        })
+    }
+
+    /// Positions of the prompt, images counted.
+    pub fn prompt_len(&self) -> usize {
+        self.prompt_len
+    }
+
+    /// Ids generated so far.
+    pub fn token_ids(&self) -> &[u32] {
+        self.stream.ids()
+    }
+
+    /// Text generated so far: the concatenated deltas.
+    pub fn text(&self) -> &str {
+        self.stream.text()
+    }
+
+    /// Set once the last token has been generated.
+    pub fn finish_reason(&self) -> Option<FinishReason> {
+        self.finish_reason
+    }
+
+    pub fn timings(&self) -> Timings {
+        self.timings
+    }
+
+    /// The next event, or `None` after [`Event::Done`] or an error.
+    pub fn next_event(&mut self) -> Result<Option<Event>, GenerateError> {
+        let event = self.advance();
+        if event.is_err() {
+            self.state = State::Done;
+        }
+        event
+    }
+
+    fn into_output(self) -> Output {
+        Output {
+            token_ids: self.stream.ids().to_vec(),
+            text: self.stream.text().to_owned(),
+            prompt_tokens: self.prompt_len,
+            finish_reason: self.finish_reason.unwrap_or(FinishReason::Length),
+            timings: self.timings,
+        }
+    }
+
+    fn advance(&mut self) -> Result<Option<Event>, GenerateError> {
+        let started = Instant::now();
+        let mut logits = match self.state {
+            State::Done => return Ok(None),
+            State::Finishing => {
+                self.state = State::Done;
+                return Ok(Some(Event::Done {
+                    finish_reason: self.finish_reason.unwrap_or(FinishReason::Length),
+                    timings: self.timings,
+                }));
+            }
+            State::Prefill if self.limit == 0 => {
+                self.finish_reason = Some(FinishReason::Length);
+                self.state = State::Finishing;
+                return self.advance();
+            }
+            State::Prefill => self.prefill()?,
+            State::Decode { last } => self.decode(last)?,
+        };
+        let id = self.sampler.sample(&mut logits)?;
+        self.sampler.observe(&[id]);
+
+        let options = &self.request.options;
+        let is_eos = !options.ignore_eos && options.eos_token_ids.contains(&id);
+        let generated = self.stream.ids().len() + 1;
+        self.finish_reason = if is_eos {
+            Some(FinishReason::Stop)
+        } else if generated >= self.limit {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        let text_delta = match self.finish_reason {
+            Some(_) => self.stream.finish(self.decoder, id),
+            None => self.stream.push(self.decoder, id),
+        }
+        .map_err(GenerateError::Decode)?;
+        self.state = match self.finish_reason {
+            Some(_) => State::Finishing,
+            None => State::Decode { last: id },
+        };
+
+        let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+        if generated == 1 {
+            self.timings.prefill_ms += elapsed_ms;
+        } else {
+            self.timings.decode_ms += elapsed_ms;
+        }
+        self.timings.tokens = generated;
+        Ok(Some(Event::Token {
+            id,
+            text_delta,
+            is_eos,
+        }))
+    }
+
+    /// Runs the prompt through the model, in chunks if asked; returns the last position's logits.
+    fn prefill(&mut self) -> Result<Vec<f32>, GenerateError> {
+        let request = self.request;
+        let chunk = request
+            .options
+            .prefill_chunk
+            .map_or(self.prompt_len, NonZeroUsize::get);
+        let mut start = 0usize;
+        loop {
+            let end = start.saturating_add(chunk).min(self.prompt_len);
+            let segments = prompt_segments(&request.prompt, self.num_image_tokens, start..end);
+            let logits = self.step(&segments, start, end)?;
+            if end == self.prompt_len {
+                return Ok(logits);
+            }
+            start = end;
+        }
+    }
+
+    /// Feeds back the last generated token at the next position.
+    fn decode(&mut self, last: u32) -> Result<Vec<f32>, GenerateError> {
+        let past_len = self.prompt_len + self.stream.ids().len() - 1;
+        let ids = [last];
+        self.step(&[Segment::Tokens(&ids)], past_len, past_len + 1)
+    }
+
+    /// One model step over positions `past_len..end`.
+    fn step(
+        &mut self,
+        segments: &[Segment<'_>],
+        past_len: usize,
+        end: usize,
+    ) -> Result<Vec<f32>, GenerateError> {
+        self.position_ids.clear();
+        self.position_ids.extend((past_len..end).map(|p| p as i64));
+        self.attention_mask.resize(end, 1);
+        let input = StepInput {
+            segments,
+            images: &self.request.images,
+            position_ids: &self.position_ids,
+            attention_mask: &self.attention_mask,
+            past_len,
+        };
+        self.model
+            .step(&mut self.cache, &input)
+            .map_err(|source| GenerateError::Step {
+                past_len,
+                seq_len: end - past_len,
+                source,
+            })
+    }
+}
+
+impl<M: Model, D: Decode + ?Sized> Iterator for Generation<'_, M, D> {
+    type Item = Result<Event, GenerateError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.next_event().transpose()
+    }
+}

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Run Carrot's whole test suite on a fresh machine: fetch ONNX Runtime and the tokenizer into .cache/,
+# make the Python test venv (ONNX checker, plain-onnxruntime host), then cargo test.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+bash scripts/setup.sh
+
+VENV="$ROOT/.venv-test"
+if [[ ! -x "$VENV/bin/python" ]] || ! cmp -s tests/python/requirements.txt "$VENV/requirements.txt"; then
+  echo "test.sh: creating $VENV" >&2
+  rm -rf "$VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+  cp tests/python/requirements.txt "$VENV/requirements.txt"
+fi
+export CARROT_PYTHON="$VENV/bin/python"
+
+cargo test --workspace --locked "$@"
