@@ -375,7 +375,8 @@ fn build_manifest(plan: &ExportPlan, model: &ResolvedModel, dtype: DType) -> Man
         sampling_defaults: manifest::SamplingDefaults {
             temperature: sampling.0,
             top_p: sampling.1,
-            top_k: gen_cfg.top_k.filter(|&k| k > 0),
+            // transformers samples with top_k 50 unless the generation config says otherwise.
+            top_k: Some(gen_cfg.top_k.unwrap_or(50)).filter(|&k| k > 0),
             max_new_tokens: gen_cfg.max_new_tokens.unwrap_or(512),
         },
         max_sequence: None,

@@ -10,7 +10,7 @@ use carrot_graphs::weights::{Tensor, WeightError, WeightSource};
 
 use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::hf_config::{ConfigError, GenerationDefaults, HfGenerationConfig, HfModelConfig, read_json, resolve_text_config};
-use crate::mm_config::{ModelKind, resolve_multimodal};
+use crate::mm_config::{ModelKind, resolve_mm_keys, resolve_multimodal};
 use crate::lora::{HfAdapterConfig, LoraAdapter, LoraError};
 use crate::siglip_table::{VisionOrigin, resolve_siglip};
 use crate::weight_names::{bunny_non_lora_names, canonical_of_merged, merged_keys, projector_tensors, text_tensors, vision_tensors};
@@ -291,6 +291,7 @@ pub fn open(
     };
 
     let (kind, vision_origin) = if cfg.is_multimodal() {
+        resolve_mm_keys(&cfg, &cfg_file)?;
         let (siglip, origin) = resolve_siglip(model_dir, &cfg, &cfg_file, vision_tower)?;
         let mm = resolve_multimodal(&cfg, &text, siglip, &cfg_file)?;
         (ModelKind::Multimodal(Box::new(mm)), Some(origin))

@@ -7,3 +7,5 @@ pub mod generate;
 pub mod device;
 pub mod engine;
 pub mod providers;
+pub mod pipeline;
+pub mod demo;

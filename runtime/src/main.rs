@@ -1,1 +1,213 @@
-fn main() {}
+//! `carrot`: run Carrot's exported graphs.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use carrot_runtime::device::Device;
+use carrot_runtime::engine::LoadOptions;
+use carrot_runtime::generate::Event;
+use carrot_runtime::pipeline::{ImageSource, Params, Pipeline, Prompt};
+use carrot_runtime::prompt::Turn;
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "carrot", version, about = "Run Carrot vision-language models exported by carrot-export")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Answer one prompt (optionally about an image).
+    Generate(GenerateArgs),
+    /// Talk with the model; the image (if any) belongs to the first turn.
+    Chat(ChatArgs),
+    /// Export the shipped fixture model, answer a question about a photo, check against the reference.
+    Demo(RuntimeArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct RuntimeArgs {
+    /// cpu, cuda[:N], tensorrt[:N] or auto.
+    #[arg(long, default_value = "cpu")]
+    device: Device,
+    /// Path to libonnxruntime.so (else CARROT_ORT_LIB, ORT_DYLIB_PATH, .cache/, Python onnxruntime).
+    #[arg(long, value_name = "PATH")]
+    ort_lib: Option<PathBuf>,
+    /// Intra-op threads per session.
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+impl RuntimeArgs {
+    fn load_options(&self) -> LoadOptions {
+        LoadOptions { device: self.device.clone(), threads: self.threads, ort_lib: self.ort_lib.clone(), cache_dir: None }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+struct SamplingArgs {
+    /// Most new tokens (default: the manifest's sampling_defaults).
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    /// 0 is greedy.
+    #[arg(long)]
+    temperature: Option<f64>,
+    #[arg(long)]
+    top_p: Option<f64>,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long)]
+    repetition_penalty: Option<f64>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Keep generating past end-of-sequence tokens (benchmarks).
+    #[arg(long)]
+    ignore_eos: bool,
+}
+
+impl SamplingArgs {
+    fn params(&self) -> Params {
+        Params {
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+            ignore_eos: self.ignore_eos,
+            prefill_chunk: None,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+struct GenerateArgs {
+    /// Exported directory (carrot.json).
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// Image file (JPEG, PNG, WebP); repeat for several images.
+    #[arg(long = "image", value_name = "PATH")]
+    images: Vec<PathBuf>,
+    #[arg(long)]
+    prompt: String,
+    /// Send the prompt text as it is (no template).
+    #[arg(long)]
+    raw: bool,
+    /// Print one JSON object on stdout instead of streaming text.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+}
+
+#[derive(Args, Debug)]
+struct ChatArgs {
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    #[arg(long, value_name = "PATH")]
+    image: Option<PathBuf>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => generate(args),
+        Command::Chat(args) => chat(args),
+        Command::Demo(args) => carrot_runtime::demo::run(&args.load_options()).map(|_| ()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(model: &PathBuf, runtime: &RuntimeArgs) -> anyhow::Result<Pipeline> {
+    Pipeline::load(model, &runtime.load_options()).with_context(|| format!("loading {}", model.display()))
+}
+
+fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    let mut pipeline = load(&args.model, &args.runtime)?;
+    let images: Vec<ImageSource> = args.images.iter().cloned().map(ImageSource::Path).collect();
+    let prompt = Prompt::Text { text: args.prompt.clone(), raw: args.raw };
+    let stream = !args.json;
+    let mut stdout = std::io::stdout();
+    let answer = pipeline.generate(&prompt, &images, &args.sampling.params(), |event| {
+        if let (true, Event::Token { text_delta, .. }) = (stream, &event) {
+            let _ = stdout.write_all(text_delta.as_bytes());
+            let _ = stdout.flush();
+        }
+    })?;
+    let out = &answer.output;
+    if args.json {
+        let json = serde_json::json!({
+            "text": out.text,
+            "token_ids": out.token_ids,
+            "prompt_tokens": out.prompt_tokens,
+            "generated_tokens": out.token_ids.len(),
+            "finish_reason": out.finish_reason.as_str(),
+            "timings": {
+                "load_ms": pipeline.engine.load_ms,
+                "vision_ms": answer.vision_ms,
+                "prefill_ms": out.timings.prefill_ms,
+                "decode_ms": out.timings.decode_ms,
+            },
+        });
+        println!("{json}");
+    } else {
+        println!();
+        let t = out.timings;
+        eprintln!(
+            "[{} prompt positions, {} tokens, {}; prefill {:.1} ms, decode {:.1} ms]",
+            out.prompt_tokens,
+            out.token_ids.len(),
+            out.finish_reason,
+            t.prefill_ms,
+            t.decode_ms
+        );
+    }
+    Ok(())
+}
+
+fn chat(args: ChatArgs) -> anyhow::Result<()> {
+    let mut pipeline = load(&args.model, &args.runtime)?;
+    let images: Vec<ImageSource> = args.image.iter().cloned().map(ImageSource::Path).collect();
+    let pixels = pipeline.pixel_values(&images)?;
+    let mut turns: Vec<Turn> = Vec::new();
+    let stdin = std::io::stdin();
+    let mut stdout = std::io::stdout();
+    eprintln!("chatting with {} (empty line or Ctrl-D to quit)", args.model.display());
+    loop {
+        eprint!("> ");
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
+            break;
+        }
+        turns.push(Turn { user: line.trim_end().to_string(), assistant: None });
+        let prompt = Prompt::Conversation(turns.clone());
+        let ids = pipeline.prompt_ids(&prompt, pixels.len())?;
+        let answer = pipeline.generate_ids(&ids, &pixels, &args.sampling.params(), |event| {
+            if let Event::Token { text_delta, .. } = &event {
+                let _ = stdout.write_all(text_delta.as_bytes());
+                let _ = stdout.flush();
+            }
+        })?;
+        println!();
+        if let Some(last) = turns.last_mut() {
+            last.assistant = Some(answer.output.text.trim().to_string());
+        }
+    }
+    Ok(())
+}

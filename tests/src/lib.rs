@@ -1,5 +1,7 @@
 //! Shared helpers for the end-to-end tests.
 
+pub mod export_util;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -59,7 +61,12 @@ pub fn check_onnx(paths: &[&Path]) {
         Ok(out) if out.status.success() => {}
         outcome => {
             let why = match outcome {
-                Ok(out) => String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+                Ok(out) => String::from_utf8_lossy(&out.stderr)
+                    .lines()
+                    .rfind(|l| !l.trim().is_empty())
+                    .unwrap_or("no output")
+                    .trim()
+                    .to_owned(),
                 Err(e) => e.to_string(),
             };
             panic!(

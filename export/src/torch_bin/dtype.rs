@@ -186,7 +186,10 @@ fn decode_f32(dtype: TorchDType, data: &[u8]) -> Vec<f32> {
         TorchDType::U32 => each(data, |b| u32::from_le_bytes(b) as f32),
         TorchDType::U16 => each(data, |b| f32::from(u16::from_le_bytes(b))),
         TorchDType::U8 => data.iter().map(|&b| f32::from(b)).collect(),
-        TorchDType::Bool => data.iter().map(|&b| if b != 0 { 1.0 } else { 0.0 }).collect(),
+        TorchDType::Bool => data
+            .iter()
+            .map(|&b| if b != 0 { 1.0 } else { 0.0 })
+            .collect(),
     }
 }
 

@@ -5,7 +5,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use super::dtype::TorchDType;
-use super::pickle::{Dict, Global, Object, Value};
+use super::value::{Dict, Global, Object, Value};
 
 /// Element type of a storage, as declared in its persistent id.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,16 +50,25 @@ pub(super) struct TensorRef {
 
 pub(super) fn persistent_load(pid: &Value) -> Result<StorageRef, String> {
     let Some(items) = pid.items() else {
-        return Err(format!("persistent id is a {}, expected a tuple", pid.kind()));
+        return Err(format!(
+            "persistent id is a {}, expected a tuple",
+            pid.kind()
+        ));
     };
     let [tag, class, key, _location, numel] = items.as_slice() else {
-        return Err(format!("persistent id has {} fields, expected 5", items.len()));
+        return Err(format!(
+            "persistent id has {} fields, expected 5",
+            items.len()
+        ));
     };
     if !matches!(tag, Value::Str(s) if &**s == "storage") {
         return Err("persistent id does not start with 'storage'".into());
     }
     let Value::Global(class) = class else {
-        return Err(format!("storage type is a {}, expected a global", class.kind()));
+        return Err(format!(
+            "storage type is a {}, expected a global",
+            class.kind()
+        ));
     };
     let kind = storage_kind(class);
     let key = match key {
@@ -74,7 +83,10 @@ pub(super) fn persistent_load(pid: &Value) -> Result<StorageRef, String> {
 }
 
 fn storage_kind(class: &Global) -> StorageKind {
-    let torch_module = matches!(class.module.as_str(), "torch" | "torch.storage" | "torch.cuda");
+    let torch_module = matches!(
+        class.module.as_str(),
+        "torch" | "torch.storage" | "torch.cuda"
+    );
     if torch_module && class.name == "UntypedStorage" {
         return StorageKind::Untyped;
     }
@@ -108,7 +120,11 @@ pub(super) fn call(callable: Value, args: Value) -> Result<Value, String> {
                 None => return Err(format!("{name}: missing dtype argument")),
             };
             let mut rest = items;
-            let metadata = if rest.len() > 7 { rest.split_off(7) } else { Vec::new() };
+            let metadata = if rest.len() > 7 {
+                rest.split_off(7)
+            } else {
+                Vec::new()
+            };
             rest.truncate(6);
             rest.extend(metadata);
             rebuild_tensor(&rest, Some(dtype), name).map(|t| Value::Tensor(Rc::new(t)))
@@ -117,7 +133,10 @@ pub(super) fn call(callable: Value, args: Value) -> Result<Value, String> {
             let items = args_of(&args, name)?;
             match items.first() {
                 Some(t @ Value::Tensor(_)) => Ok(t.clone()),
-                Some(other) => Err(format!("{name}: data is a {}, expected a tensor", other.kind())),
+                Some(other) => Err(format!(
+                    "{name}: data is a {}, expected a tensor",
+                    other.kind()
+                )),
                 None => Err(format!("{name}: missing arguments")),
             }
         }
@@ -133,7 +152,11 @@ pub(super) fn call(callable: Value, args: Value) -> Result<Value, String> {
 }
 
 fn opaque(callable: Value, args: Value) -> Value {
-    Value::Object(Rc::new(RefCell::new(Object { callable, args, state: Value::None })))
+    Value::Object(Rc::new(RefCell::new(Object {
+        callable,
+        args,
+        state: Value::None,
+    })))
 }
 
 fn args_of(args: &Value, func: &str) -> Result<Vec<Value>, String> {
@@ -157,7 +180,12 @@ fn ordered_dict(args: &Value) -> Result<Value, String> {
                 }
             }
         }
-        _ => return Err(format!("OrderedDict takes at most 1 argument, got {}", items.len())),
+        _ => {
+            return Err(format!(
+                "OrderedDict takes at most 1 argument, got {}",
+                items.len()
+            ));
+        }
     }
     Ok(Value::Dict(Rc::new(RefCell::new(dict))))
 }
@@ -170,7 +198,9 @@ fn int_list(v: &Value, what: &str, func: &str) -> Result<Vec<u64>, String> {
         .iter()
         .map(|x| match x {
             Value::Int(n) if *n >= 0 => Ok(*n as u64),
-            other => Err(format!("{func}: {what} holds {other:?}, expected non-negative ints")),
+            other => Err(format!(
+                "{func}: {what} holds {other:?}, expected non-negative ints"
+            )),
         })
         .collect()
 }
@@ -182,19 +212,30 @@ fn rebuild_tensor(
     func: &str,
 ) -> Result<TensorRef, String> {
     let [storage, offset, size, stride, rest @ ..] = args else {
-        return Err(format!("{func}: expected at least 4 arguments, got {}", args.len()));
+        return Err(format!(
+            "{func}: expected at least 4 arguments, got {}",
+            args.len()
+        ));
     };
     let Value::Storage(storage) = storage else {
         return Err(format!("{func}: storage is a {}", storage.kind()));
     };
     let offset = match offset {
         Value::Int(n) if *n >= 0 => *n as u64,
-        other => return Err(format!("{func}: storage offset {other:?} is not a non-negative int")),
+        other => {
+            return Err(format!(
+                "{func}: storage offset {other:?} is not a non-negative int"
+            ));
+        }
     };
     let size = int_list(size, "size", func)?;
     let stride = int_list(stride, "stride", func)?;
     if size.len() != stride.len() {
-        return Err(format!("{func}: size has {} dims but stride has {}", size.len(), stride.len()));
+        return Err(format!(
+            "{func}: size has {} dims but stride has {}",
+            size.len(),
+            stride.len()
+        ));
     }
     let mut dtype = match dtype {
         Some(d) => d,
@@ -216,8 +257,16 @@ fn rebuild_tensor(
             })
             .collect();
         if !flagged.is_empty() {
-            dtype = Err(format!("tensor metadata flags {flagged:?} (conj/neg views) are not supported"));
+            dtype = Err(format!(
+                "tensor metadata flags {flagged:?} (conj/neg views) are not supported"
+            ));
         }
     }
-    Ok(TensorRef { storage: storage.clone(), dtype, offset, size, stride })
+    Ok(TensorRef {
+        storage: storage.clone(),
+        dtype,
+        offset,
+        size,
+        stride,
+    })
 }

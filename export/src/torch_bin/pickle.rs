@@ -2,217 +2,29 @@
 //!
 //! Nothing is ever imported or executed: globals stay symbolic and calls to
 //! them are interpreted by [`super::objects`] (tensor rebuilds, `OrderedDict`)
-//! or kept as opaque [`Object`]s.
+//! or kept as opaque [`super::value::Object`]s.
 //!
-//! Containers are reference-counted so that memo references see later
-//! mutations, exactly as in Python. Dropping is iterative (see [`release`]) so
-//! hostile, deeply nested input cannot overflow the stack, and the machine
-//! empties every container it created when it is dropped, which also frees
-//! reference cycles.
+//! The machine empties every container it created when it is dropped (see
+//! [`teardown`]), which also frees reference cycles.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
-use super::objects::{self, StorageRef, TensorRef};
-
-pub(super) type Shared<T> = Rc<RefCell<T>>;
-
-#[derive(Clone, Debug)]
-pub(super) enum Value {
-    None,
-    Bool(bool),
-    Int(i64),
-    /// An integer outside the `i64` range; its value is not kept.
-    BigInt,
-    /// A float; its value is not needed.
-    Float,
-    Str(Rc<str>),
-    /// A bytes object; its contents are not needed.
-    Bytes,
-    Tuple(Shared<Seq>),
-    List(Shared<Seq>),
-    Dict(Shared<Dict>),
-    Global(Rc<Global>),
-    Object(Shared<Object>),
-    Storage(Rc<StorageRef>),
-    Tensor(Rc<TensorRef>),
-}
-
-impl Value {
-    pub(super) fn kind(&self) -> &'static str {
-        match self {
-            Value::None => "None",
-            Value::Bool(_) => "bool",
-            Value::Int(_) | Value::BigInt => "int",
-            Value::Float => "float",
-            Value::Str(_) => "str",
-            Value::Bytes => "bytes",
-            Value::Tuple(_) => "tuple",
-            Value::List(_) => "list",
-            Value::Dict(_) => "dict",
-            Value::Global(_) => "global",
-            Value::Object(_) => "object",
-            Value::Storage(_) => "storage",
-            Value::Tensor(_) => "tensor",
-        }
-    }
-
-    pub(super) fn tuple(items: Vec<Value>) -> Value {
-        Value::Tuple(Rc::new(RefCell::new(Seq(items))))
-    }
-
-    /// Items of a tuple or list, cloned.
-    pub(super) fn items(&self) -> Option<Vec<Value>> {
-        match self {
-            Value::Tuple(s) | Value::List(s) => Some(s.borrow().0.clone()),
-            _ => None,
-        }
-    }
-}
-
-#[derive(Debug, PartialEq, Eq)]
-pub(super) struct Global {
-    pub module: String,
-    pub name: String,
-}
-
-/// Items of a tuple or list.
-#[derive(Debug, Default)]
-pub(super) struct Seq(pub Vec<Value>);
-
-/// An insertion-ordered dict. Simple keys (str, int, bool, None) are indexed
-/// so re-assignment replaces the value in place, as in Python.
-#[derive(Debug, Default)]
-pub(super) struct Dict {
-    pub entries: Vec<(Value, Value)>,
-    index: HashMap<DictKey, usize>,
-}
-
-#[derive(Debug, PartialEq, Eq, Hash)]
-enum DictKey {
-    Str(Rc<str>),
-    Int(i64),
-    None,
-}
-
-impl Dict {
-    pub(super) fn insert(&mut self, key: Value, value: Value) {
-        let hashed = match &key {
-            Value::Str(s) => Some(DictKey::Str(s.clone())),
-            Value::Int(i) => Some(DictKey::Int(*i)),
-            Value::Bool(b) => Some(DictKey::Int(i64::from(*b))),
-            Value::None => Some(DictKey::None),
-            _ => None,
-        };
-        match hashed {
-            Some(h) => {
-                if let Some(&i) = self.index.get(&h) {
-                    if let Some(slot) = self.entries.get_mut(i) {
-                        slot.1 = value;
-                        return;
-                    }
-                }
-                self.index.insert(h, self.entries.len());
-                self.entries.push((key, value));
-            }
-            None => self.entries.push((key, value)),
-        }
-    }
-}
-
-/// The result of calling a global the reader does not interpret.
-#[derive(Debug)]
-pub(super) struct Object {
-    pub callable: Value,
-    pub args: Value,
-    pub state: Value,
-}
-
-impl Drop for Seq {
-    fn drop(&mut self) {
-        if !self.0.is_empty() {
-            release(std::mem::take(&mut self.0));
-        }
-    }
-}
-
-impl Drop for Dict {
-    fn drop(&mut self) {
-        if !self.entries.is_empty() {
-            let mut flat = Vec::with_capacity(self.entries.len() * 2);
-            for (k, v) in self.entries.drain(..) {
-                flat.push(k);
-                flat.push(v);
-            }
-            release(flat);
-        }
-    }
-}
-
-impl Drop for Object {
-    fn drop(&mut self) {
-        release(vec![
-            std::mem::replace(&mut self.callable, Value::None),
-            std::mem::replace(&mut self.args, Value::None),
-            std::mem::replace(&mut self.state, Value::None),
-        ]);
-    }
-}
-
-/// Moves the children of `v` into `out`. With `only_unique`, containers that
-/// are still referenced elsewhere are left intact.
-fn detach_children(v: &Value, out: &mut Vec<Value>, only_unique: bool) {
-    match v {
-        Value::Tuple(s) | Value::List(s) => {
-            if !only_unique || Rc::strong_count(s) == 1 {
-                if let Ok(mut s) = s.try_borrow_mut() {
-                    out.append(&mut s.0);
-                }
-            }
-        }
-        Value::Dict(d) => {
-            if !only_unique || Rc::strong_count(d) == 1 {
-                if let Ok(mut d) = d.try_borrow_mut() {
-                    d.index.clear();
-                    for (k, v) in d.entries.drain(..) {
-                        out.push(k);
-                        out.push(v);
-                    }
-                }
-            }
-        }
-        Value::Object(o) => {
-            if !only_unique || Rc::strong_count(o) == 1 {
-                if let Ok(mut o) = o.try_borrow_mut() {
-                    out.push(std::mem::replace(&mut o.callable, Value::None));
-                    out.push(std::mem::replace(&mut o.args, Value::None));
-                    out.push(std::mem::replace(&mut o.state, Value::None));
-                }
-            }
-        }
-        _ => {}
-    }
-}
-
-/// Drops values without recursion.
-fn release(mut work: Vec<Value>) {
-    while let Some(v) = work.pop() {
-        detach_children(&v, &mut work, true);
-    }
-}
-
-/// Empties every container reachable from `work`, shared or not.
-fn teardown(mut work: Vec<Value>) {
-    while let Some(v) = work.pop() {
-        detach_children(&v, &mut work, false);
-    }
-}
+use super::objects;
+use super::value::{Global, Seq, Value, release, teardown};
 
 #[derive(Debug)]
 pub(super) enum PickleError {
-    Unsupported { offset: usize, opcode: u8, name: &'static str },
-    Malformed { offset: usize, msg: String },
+    Unsupported {
+        offset: usize,
+        opcode: u8,
+        name: &'static str,
+    },
+    Malformed {
+        offset: usize,
+        msg: String,
+    },
 }
 
 /// Runs the pickle in `data` and hands the unpickled root to `f`.
@@ -220,7 +32,14 @@ pub(super) fn with_unpickled<R>(
     data: &[u8],
     f: impl FnOnce(&Value) -> R,
 ) -> Result<R, PickleError> {
-    let mut machine = Machine { data, pos: 0, op_start: 0, stack: Vec::new(), marks: Vec::new(), memo: HashMap::new() };
+    let mut machine = Machine {
+        data,
+        pos: 0,
+        op_start: 0,
+        stack: Vec::new(),
+        marks: Vec::new(),
+        memo: HashMap::new(),
+    };
     let root = machine.run()?;
     let out = f(&root);
     machine.stack.push(root);
@@ -248,7 +67,10 @@ type Res<T> = Result<T, PickleError>;
 
 impl<'a> Machine<'a> {
     fn err<T>(&self, msg: impl Into<String>) -> Res<T> {
-        Err(PickleError::Malformed { offset: self.op_start, msg: msg.into() })
+        Err(PickleError::Malformed {
+            offset: self.op_start,
+            msg: msg.into(),
+        })
     }
 
     fn take(&mut self, n: usize) -> Res<&'a [u8]> {
@@ -259,7 +81,10 @@ impl<'a> Machine<'a> {
                 self.pos = end;
                 Ok(s)
             }
-            None => self.err(format!("truncated: needs {n} more bytes, {} left", data.len() - self.pos)),
+            None => self.err(format!(
+                "truncated: needs {n} more bytes, {} left",
+                data.len() - self.pos
+            )),
         }
     }
 
@@ -375,7 +200,7 @@ impl<'a> Machine<'a> {
     }
 
     fn set_items(&mut self, items: Vec<Value>) -> Res<()> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return self.err("SETITEMS with an odd number of items");
         }
         let target = self.top()?.clone();
@@ -588,7 +413,10 @@ impl<'a> Machine<'a> {
                             name.kind()
                         ));
                     };
-                    let g = Global { module: module.to_string(), name: name.to_string() };
+                    let g = Global {
+                        module: module.to_string(),
+                        name: name.to_string(),
+                    };
                     self.push(Value::Global(Rc::new(g)));
                 }
                 b'R' => {
@@ -609,10 +437,10 @@ impl<'a> Machine<'a> {
                 }
                 b'b' => {
                     let state = self.pop()?;
-                    if let Value::Object(o) = self.top()? {
-                        if let Ok(mut o) = o.try_borrow_mut() {
-                            o.state = state;
-                        }
+                    if let Value::Object(o) = self.top()?
+                        && let Ok(mut o) = o.try_borrow_mut()
+                    {
+                        o.state = state;
                     }
                 }
                 b'Q' => {
@@ -673,7 +501,7 @@ fn opcode_name(op: u8) -> &'static str {
         0x91 => "FROZENSET",
         0x97 => "NEXT_BUFFER",
         0x98 => "READONLY_BUFFER",
-        _ => "an unknown opcode",
+        _ => "<unknown>",
     }
 }
 
@@ -686,18 +514,24 @@ mod tests {
         assert!(matches!(decode_long(&[]), Value::Int(0)));
         assert!(matches!(decode_long(&[0xff]), Value::Int(-1)));
         assert!(matches!(decode_long(&[0x00, 0x80]), Value::Int(-32768)));
-        assert!(matches!(decode_long(&[1, 0, 0, 0, 0, 0, 0, 0, 0]), Value::Int(1)));
-        assert!(matches!(decode_long(&[0, 0, 0, 0, 0, 0, 0, 0, 1]), Value::BigInt));
-        assert!(matches!(decode_long(&[0, 0, 0, 0, 0, 0, 0, 0x80, 0]), Value::BigInt));
+        assert!(matches!(
+            decode_long(&[1, 0, 0, 0, 0, 0, 0, 0, 0]),
+            Value::Int(1)
+        ));
+        assert!(matches!(
+            decode_long(&[0, 0, 0, 0, 0, 0, 0, 0, 1]),
+            Value::BigInt
+        ));
+        assert!(matches!(
+            decode_long(&[0, 0, 0, 0, 0, 0, 0, 0x80, 0]),
+            Value::BigInt
+        ));
     }
 
     #[test]
     fn deep_nesting_drops_without_recursion() {
-        let mut pkl = vec![0x80, 2];
-        pkl.push(b')');
-        for _ in 0..200_000 {
-            pkl.push(0x85);
-        }
+        let mut pkl = vec![0x80, 2, b')'];
+        pkl.extend(std::iter::repeat_n(0x85, 200_000));
         pkl.push(b'.');
         let n = with_unpickled(&pkl, |v| v.kind()).expect("valid pickle");
         assert_eq!(n, "tuple");

@@ -217,7 +217,7 @@ pub enum GenerateError {
     },
     #[error("the model returned no logits")]
     EmptyLogits,
-    #[error("no token can be sampled: every logit is NaN or -inf after filtering")]
+    #[error("no token can be sampled: no logit is a finite number after filtering")]
     NoCandidates,
     #[error("could not create the KV cache")]
     NewCache(#[source] BoxError),

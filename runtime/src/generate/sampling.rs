@@ -78,6 +78,14 @@ impl SamplingOptions {
 /// Candidates sorted for top-p before falling back to sorting the whole vocabulary.
 const TOP_P_HEAD: usize = 1024;
 
+/// A token that top-p may keep, with its unnormalized probability.
+#[derive(Debug, Clone, Copy)]
+struct Candidate {
+    logit: f32,
+    id: u32,
+    weight: f32,
+}
+
 /// Applies [`SamplingOptions`] to successive logits rows; remembers the ids seen for the
 /// repetition penalty and holds the seeded random generator.
 #[derive(Debug)]
@@ -86,7 +94,7 @@ pub struct Sampler {
     rng: StdRng,
     seen: SeenIds,
     values: Vec<f32>,
-    candidates: Vec<(f32, u32)>,
+    candidates: Vec<Candidate>,
 }
 
 impl Sampler {
@@ -162,9 +170,11 @@ impl SeenIds {
 /// Index of the first maximum (`torch.argmax`'s tie-break); NaNs are never picked over a number.
 pub fn argmax(logits: &[f32]) -> usize {
     let mut best = 0;
+    let mut best_logit = f32::NAN;
     for (i, &logit) in logits.iter().enumerate() {
-        if logit > logits[best] || (logits[best].is_nan() && !logit.is_nan()) {
+        if logit > best_logit || (best_logit.is_nan() && !logit.is_nan()) {
             best = i;
+            best_logit = logit;
         }
     }
     best
@@ -225,31 +235,39 @@ pub fn apply_top_p(logits: &mut [f32], top_p: f64) {
     top_p_with(logits, top_p, &mut Vec::new());
 }
 
-fn top_p_with(logits: &mut [f32], top_p: f64, candidates: &mut Vec<(f32, u32)>) {
+fn top_p_with(logits: &mut [f32], top_p: f64, candidates: &mut Vec<Candidate>) {
     if top_p >= 1.0 {
         return;
     }
     // PyTorch compares the float32 cumulative sums with `1 - top_p` rounded to float32.
     let threshold = (1.0 - top_p) as f32;
+    let Some(max) = max_logit(logits) else {
+        return;
+    };
+    // A token of probability 0 has a cumulative probability of 0 (everything below it is 0 too):
+    // it goes, whatever the threshold. Only the others are candidates.
+    let mut total = 0.0f64;
     candidates.clear();
-    candidates.extend(
-        logits
-            .iter()
-            .enumerate()
-            .filter(|(_, logit)| **logit > f32::NEG_INFINITY)
-            .map(|(i, &logit)| (logit, i as u32)),
-    );
+    for (i, logit) in logits.iter_mut().enumerate() {
+        let weight = weight(*logit, max);
+        if weight > 0.0 {
+            total += f64::from(weight);
+            candidates.push(Candidate {
+                logit: *logit,
+                id: i as u32,
+                weight,
+            });
+        } else {
+            *logit = f32::NEG_INFINITY;
+        }
+    }
     if candidates.len() <= 1 {
         return;
     }
-    let max = candidates.iter().fold(f32::NEG_INFINITY, |m, c| m.max(c.0));
-    let total = candidates
-        .iter()
-        .map(|c| f64::from((c.0 - max).exp()))
-        .sum::<f64>() as f32;
-    let prob = |logit: f32| (logit - max).exp() / total;
+    let total = total as f32;
     // Ascending by logit; among equal logits the higher id is removed first.
-    let ascending = |a: &(f32, u32), b: &(f32, u32)| a.0.total_cmp(&b.0).then(b.1.cmp(&a.1));
+    let ascending =
+        |a: &Candidate, b: &Candidate| a.logit.total_cmp(&b.logit).then(b.id.cmp(&a.id));
 
     // The cumulative sum only grows, so once the lowest of the `TOP_P_HEAD` largest candidates is
     // removed, every smaller one is too: sort just those, on top of the mass below them.
@@ -258,8 +276,8 @@ fn top_p_with(logits: &mut [f32], top_p: f64, candidates: &mut Vec<(f32, u32)>) 
         candidates.select_nth_unstable_by(split, ascending);
         let (tail, head) = candidates.split_at_mut(split);
         head.sort_unstable_by(ascending);
-        let below: f64 = tail.iter().map(|c| f64::from(prob(c.0))).sum();
-        if let Some(kept) = first_kept(head, below, threshold, prob)
+        let below: f64 = tail.iter().map(|c| f64::from(c.weight / total)).sum();
+        if let Some(kept) = first_kept(head, below, threshold, total)
             && kept > 0
         {
             remove(logits, tail);
@@ -268,24 +286,19 @@ fn top_p_with(logits: &mut [f32], top_p: f64, candidates: &mut Vec<(f32, u32)>) 
         }
     }
     candidates.sort_unstable_by(ascending);
-    if let Some(kept) = first_kept(candidates, 0.0, threshold, prob) {
+    if let Some(kept) = first_kept(candidates, 0.0, threshold, total) {
         remove(logits, &candidates[..kept]);
     }
 }
 
 /// In ascending order from a cumulative mass `below`, the index of the first candidate whose
 /// cumulative probability exceeds `threshold` (the last candidate at the latest).
-fn first_kept(
-    ascending: &[(f32, u32)],
-    below: f64,
-    threshold: f32,
-    prob: impl Fn(f32) -> f32,
-) -> Option<usize> {
+fn first_kept(ascending: &[Candidate], below: f64, threshold: f32, total: f32) -> Option<usize> {
     let last = ascending.len().checked_sub(1)?;
     // PyTorch's CPU cumsum accumulates float32 in double and stores float32.
     let mut cumulative = below;
     for (i, candidate) in ascending[..last].iter().enumerate() {
-        cumulative += f64::from(prob(candidate.0));
+        cumulative += f64::from(candidate.weight / total);
         if cumulative as f32 > threshold {
             return Some(i);
         }
@@ -293,39 +306,44 @@ fn first_kept(
     Some(last)
 }
 
-fn remove(logits: &mut [f32], candidates: &[(f32, u32)]) {
-    for &(_, id) in candidates {
-        if let Some(logit) = logits.get_mut(id as usize) {
+fn remove(logits: &mut [f32], candidates: &[Candidate]) {
+    for candidate in candidates {
+        if let Some(logit) = logits.get_mut(candidate.id as usize) {
             *logit = f32::NEG_INFINITY;
         }
     }
 }
 
+/// Largest logit that is a number, unless there is none above `-inf`.
+fn max_logit(logits: &[f32]) -> Option<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    (max > f32::NEG_INFINITY).then_some(max)
+}
+
+/// Below this, `exp` leaves float32's normal range; such weights count as 0.
+const MIN_EXPONENT: f32 = -87.0;
+
+/// Unnormalized probability `exp(logit - max)`; 0 for `-inf`, NaN and underflowing logits.
+fn weight(logit: f32, max: f32) -> f32 {
+    let exponent = logit - max;
+    if exponent > MIN_EXPONENT {
+        exponent.exp()
+    } else {
+        0.0
+    }
+}
+
 /// Draws an index from `softmax(logits)`; `None` when no logit is a number above `-inf`.
 fn draw(logits: &[f32], rng: &mut StdRng) -> Option<usize> {
-    let max = logits
-        .iter()
-        .copied()
-        .filter(|l| !l.is_nan())
-        .fold(f32::NEG_INFINITY, f32::max);
-    if max == f32::NEG_INFINITY {
-        return None;
-    }
-    let weight = |logit: f32| {
-        if logit > f32::NEG_INFINITY {
-            f64::from((logit - max).exp())
-        } else {
-            0.0
-        }
-    };
-    let total: f64 = logits.iter().map(|&l| weight(l)).sum();
+    let max = max_logit(logits)?;
+    let total: f64 = logits.iter().map(|&l| f64::from(weight(l, max))).sum();
     let target = rng.random::<f64>() * total;
     let mut cumulative = 0.0;
     let mut last = None;
     for (i, &logit) in logits.iter().enumerate() {
-        let w = weight(logit);
+        let w = weight(logit, max);
         if w > 0.0 {
-            cumulative += w;
+            cumulative += f64::from(w);
             last = Some(i);
             if target < cumulative {
                 return last;

@@ -17,7 +17,7 @@ use std::path::PathBuf;
 pub use decode::{decode_image, load_image, to_rgb8_like_pillow};
 pub use image::RgbImage;
 pub use pad::expand_to_square;
-pub use resize::resize_bicubic;
+pub use resize::{PassOrder, resize_bicubic, resize_bicubic_ordered};
 
 /// Default ceiling on decoded image size: 64 megapixels.
 pub const DEFAULT_MAX_PIXELS: u64 = 64 * 1024 * 1024;

@@ -15,9 +15,13 @@
 //!   from zero. A pass accumulates `Σ pixel × weight` in a 32-bit integer starting from
 //!   `1 << 21` (so the final shift rounds to nearest), shifts right arithmetically by 22 and
 //!   clamps to 0..=255.
-//! * The horizontal pass runs first, and its result is stored as 8-bit pixels before the
-//!   vertical pass reads it. A pass whose axis keeps its size is skipped entirely (with scale 1
-//!   the kernel is the identity anyway).
+//! * The intermediate image between the two passes is stored as 8-bit pixels, so the pass order
+//!   changes the result. Pillow runs the horizontal pass first, except (since Pillow 13.0) when
+//!   the height shrinks by more than twice as many pixels as the width does
+//!   (`out_h < in_h && 2 × (in_w - out_w) < in_h - out_h`, which includes every case where the
+//!   width grows while the height shrinks); then the vertical pass runs first. See [`PassOrder`].
+//! * A pass whose axis keeps its size is skipped entirely (with scale 1 the kernel is the
+//!   identity anyway).
 
 use image::RgbImage;
 
@@ -181,42 +185,76 @@ fn resample_vertical(
     out
 }
 
+/// Which separable pass runs first when both axes change size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PassOrder {
+    /// Pillow ≥ 13.0: vertical first when `out_h < in_h && 2 × (in_w - out_w) < in_h - out_h`,
+    /// horizontal first otherwise.
+    #[default]
+    Pillow,
+    /// Pillow < 13.0: always horizontal first.
+    HorizontalFirst,
+    /// Always vertical first.
+    VerticalFirst,
+}
+
+impl PassOrder {
+    fn vertical_first(self, in_w: usize, in_h: usize, out_w: usize, out_h: usize) -> bool {
+        match self {
+            PassOrder::Pillow => {
+                out_h < in_h && 2 * (in_w as i64 - out_w as i64) < (in_h - out_h) as i64
+            }
+            PassOrder::HorizontalFirst => false,
+            PassOrder::VerticalFirst => true,
+        }
+    }
+}
+
 /// Resize to exactly `width × height` with Pillow's BICUBIC filter, matching
-/// `PIL.Image.resize((width, height), Image.BICUBIC)` (no `reducing_gap`) pixel for pixel.
+/// `PIL.Image.resize((width, height), Image.BICUBIC)` (no `reducing_gap`) of Pillow ≥ 13.0
+/// pixel for pixel.
 ///
 /// # Panics
 /// If `width` or `height` is zero, or the input image is empty.
 pub fn resize_bicubic(img: &RgbImage, width: usize, height: usize) -> RgbImage {
+    resize_bicubic_ordered(img, width, height, PassOrder::Pillow)
+}
+
+/// [`resize_bicubic`] with an explicit pass order, e.g. [`PassOrder::HorizontalFirst`] to
+/// reproduce Pillow releases before 13.0.
+pub fn resize_bicubic_ordered(
+    img: &RgbImage,
+    width: usize,
+    height: usize,
+    order: PassOrder,
+) -> RgbImage {
     let (in_w, in_h) = (img.width() as usize, img.height() as usize);
     assert!(width > 0 && height > 0, "target size must be positive");
     assert!(in_w > 0 && in_h > 0, "cannot resize an empty image");
-    if (in_w, in_h) == (width, height) {
-        return img.clone();
-    }
-    let need_horizontal = width != in_w;
-    let need_vertical = height != in_h;
-
     let src = img.as_raw().as_slice();
-    let vert = AxisCoeffs::new(in_h, 0.0, in_h as f32, height);
-
-    // Only the rows the vertical pass will read need a horizontal pass.
-    let (tmp, tmp_w, row_offset) = if need_horizontal {
-        let horiz = AxisCoeffs::new(in_w, 0.0, in_w as f32, width);
-        let (first, last) = if need_vertical {
-            vert.input_span()
-        } else {
-            (0, in_h)
-        };
-        let rows = resample_horizontal(src, in_w, first, last - first, &horiz, width);
-        (std::borrow::Cow::Owned(rows), width, first)
-    } else {
-        (std::borrow::Cow::Borrowed(src), in_w, 0)
-    };
-
-    let out = if need_vertical {
-        resample_vertical(&tmp, tmp_w, row_offset, &vert, height)
-    } else {
-        tmp.into_owned()
+    let out = match (width != in_w, height != in_h) {
+        (false, false) => return img.clone(),
+        (true, false) => {
+            let horiz = AxisCoeffs::new(in_w, 0.0, in_w as f32, width);
+            resample_horizontal(src, in_w, 0, in_h, &horiz, width)
+        }
+        (false, true) => {
+            let vert = AxisCoeffs::new(in_h, 0.0, in_h as f32, height);
+            resample_vertical(src, in_w, 0, &vert, height)
+        }
+        (true, true) => {
+            let horiz = AxisCoeffs::new(in_w, 0.0, in_w as f32, width);
+            let vert = AxisCoeffs::new(in_h, 0.0, in_h as f32, height);
+            if order.vertical_first(in_w, in_h, width, height) {
+                let tmp = resample_vertical(src, in_w, 0, &vert, height);
+                resample_horizontal(&tmp, in_w, 0, height, &horiz, width)
+            } else {
+                // Only the rows the vertical pass reads need a horizontal pass.
+                let (first, last) = vert.input_span();
+                let tmp = resample_horizontal(src, in_w, first, last - first, &horiz, width);
+                resample_vertical(&tmp, width, first, &vert, height)
+            }
+        }
     };
     RgbImage::from_raw(width as u32, height as u32, out)
         .expect("resampled buffer has exactly width × height × 3 bytes")

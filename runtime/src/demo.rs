@@ -1,0 +1,144 @@
+//! `carrot demo`: export the shipped fixture model (once), answer a question about a real
+//! photograph, and check the generated tokens against the reference golden made by
+//! transformers.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+
+use crate::engine::LoadOptions;
+use crate::generate::Event;
+use crate::pipeline::{ImageSource, Params, Pipeline, Prompt};
+
+/// The golden record the demo reproduces.
+const RECORD: &str = "carrot_image";
+
+#[derive(Deserialize)]
+struct Goldens {
+    records: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct Record {
+    question: String,
+    image: Option<String>,
+    output_ids: Vec<u32>,
+    export: ExportSpec,
+}
+
+#[derive(Deserialize)]
+struct ExportSpec {
+    model: String,
+}
+
+/// Where the repository's `fixtures/` and `.cache/` live.
+pub fn repo_root() -> anyhow::Result<PathBuf> {
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Ok(cwd) = std::env::current_dir() {
+        candidates.extend(cwd.ancestors().map(Path::to_path_buf));
+    }
+    if let Some(ws) = Path::new(env!("CARGO_MANIFEST_DIR")).parent() {
+        candidates.push(ws.to_path_buf());
+    }
+    candidates
+        .into_iter()
+        .find(|d| d.join("fixtures/goldens/generate.json").is_file())
+        .context("cannot find the Carrot repository (fixtures/goldens/generate.json); run `carrot demo` inside it")
+}
+
+pub fn run(opts: &LoadOptions) -> anyhow::Result<bool> {
+    let root = repo_root()?;
+    let goldens_path = root.join("fixtures/goldens/generate.json");
+    let goldens: Goldens = serde_json::from_str(&std::fs::read_to_string(&goldens_path)?)
+        .with_context(|| format!("{}", goldens_path.display()))?;
+    let record: Record = goldens
+        .records
+        .get(RECORD)
+        .cloned()
+        .map(serde_json::from_value)
+        .transpose()
+        .with_context(|| format!("{}: record {RECORD}", goldens_path.display()))?
+        .with_context(|| format!("{}: no record {RECORD}", goldens_path.display()))?;
+    let model_dir = root.join("fixtures/models").join(&record.export.model);
+    let tokenizer_dir = crate::ort_lib::cache_dirs()
+        .into_iter()
+        .map(|d| d.join("llama3-tokenizer"))
+        .find(|d| d.join("tokenizer.json").is_file())
+        .context("the Llama 3 tokenizer is not in .cache/llama3-tokenizer: run `scripts/setup.sh`")?;
+    let out = root.join(".cache/demo").join(format!("{}-fp32", record.export.model));
+
+    let fresh = !out.join(carrot_contract::names::MANIFEST_FILE).is_file()
+        || carrot_contract::Manifest::read_dir(&out).map(|m| m.exporter.version != env!("CARGO_PKG_VERSION")).unwrap_or(true);
+    if fresh {
+        eprintln!("exporting {} (fp32) to {}", model_dir.display(), out.display());
+        let plan = carrot_export::pipeline::ExportPlan {
+            model: model_dir.clone(),
+            out: out.clone(),
+            base: None,
+            loras: Vec::new(),
+            vision_tower: None,
+            format: carrot_export::pipeline::WeightFormat::Float(carrot_graphs::config::DType::F32),
+            flavor: "portable".into(),
+            logits: carrot_graphs::llama::Logits::All,
+            force: true,
+            progress: true,
+        };
+        let summary = carrot_export::pipeline::export(&plan)?;
+        eprintln!("exported in {:.1} s", summary.seconds);
+    }
+    for leaf in ["tokenizer.json", "tokenizer_config.json"] {
+        if !out.join(leaf).is_file() {
+            std::fs::copy(tokenizer_dir.join(leaf), out.join(leaf))
+                .with_context(|| format!("copying {leaf} into {}", out.display()))?;
+        }
+    }
+
+    let mut pipeline = Pipeline::load(&out, opts)?;
+    let image = record.image.as_ref().map(|name| root.join("fixtures/images").join(name));
+    let images: Vec<ImageSource> = image.iter().cloned().map(ImageSource::Path).collect();
+    let params = Params {
+        max_new_tokens: Some(record.output_ids.len()),
+        temperature: Some(0.0),
+        ignore_eos: true,
+        ..Params::default()
+    };
+    if let Some(p) = &image {
+        eprintln!("image:    {}", p.display());
+    }
+    eprintln!("question: {}", record.question);
+    eprint!("answer:   ");
+    let answer = pipeline.generate(&Prompt::Text { text: record.question.clone(), raw: false }, &images, &params, |e| {
+        if let Event::Token { text_delta, .. } = e {
+            eprint!("{text_delta}");
+        }
+    })?;
+    eprintln!();
+    let out_ids = &answer.output.token_ids;
+    let t = answer.output.timings;
+    eprintln!(
+        "timings:  load {:.0} ms, vision {:.1} ms, prefill {:.1} ms ({} positions), decode {:.1} ms ({} tokens, {:.0} tok/s)",
+        pipeline.engine.load_ms,
+        answer.vision_ms,
+        t.prefill_ms,
+        answer.output.prompt_tokens,
+        t.decode_ms,
+        t.tokens,
+        if t.decode_ms > 0.0 { (t.tokens.saturating_sub(1)) as f64 / (t.decode_ms / 1e3) } else { 0.0 }
+    );
+    if out_ids == &record.output_ids {
+        println!(
+            "exact: the {} generated tokens equal the transformers reference ({} / {})",
+            out_ids.len(),
+            goldens_path.strip_prefix(&root).unwrap_or(&goldens_path).display(),
+            RECORD
+        );
+        Ok(true)
+    } else {
+        let first = out_ids.iter().zip(&record.output_ids).position(|(a, b)| a != b).unwrap_or(out_ids.len().min(record.output_ids.len()));
+        println!("MISMATCH: generated tokens differ from the reference from position {first}");
+        println!("  carrot:    {out_ids:?}");
+        println!("  reference: {:?}", record.output_ids);
+        bail!("demo tokens differ from the reference golden")
+    }
+}
