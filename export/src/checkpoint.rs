@@ -4,121 +4,63 @@
 //! `pytorch_model.bin` (optionally sharded with `pytorch_model.bin.index.json`). Safetensors
 //! shards are memory-mapped, so asking for one tensor touches only its bytes.
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use half::{bf16, f16, slice::HalfFloatSliceExt};
 use memmap2::Mmap;
 use serde::Deserialize;
 
+pub use crate::tensor_dtype::{StoredDType, TensorInfo, bytes_to_f32};
 use crate::torch_bin::{RawTensor, read_torch_bin};
 
 /// A failure to read a checkpoint; every message names the file, and the tensor when there is one.
 #[derive(thiserror::Error, Debug)]
 pub enum CheckpointError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
-    #[error("{dir}: no weights found (looked for model.safetensors.index.json, model.safetensors, pytorch_model.bin.index.json, pytorch_model.bin)")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{dir}: no weights found (looked for model.safetensors.index.json, model.safetensors, pytorch_model.bin.index.json, pytorch_model.bin)"
+    )]
     NoWeights { dir: PathBuf },
     #[error("{path}: {message}")]
     Index { path: PathBuf, message: String },
     #[error("{index}: tensor `{key}` is listed in shard `{shard}`, which does not exist")]
-    MissingShard { index: PathBuf, shard: String, key: String },
-    #[error("{index}: tensor `{key}` is listed in shard `{shard}`, but that file does not contain it")]
-    NotInShard { index: PathBuf, shard: PathBuf, key: String },
+    MissingShard {
+        index: PathBuf,
+        shard: String,
+        key: String,
+    },
+    #[error(
+        "{index}: tensor `{key}` is listed in shard `{shard}`, but that file does not contain it"
+    )]
+    NotInShard {
+        index: PathBuf,
+        shard: PathBuf,
+        key: String,
+    },
     #[error("{path}: not a valid safetensors file: {message}")]
     Safetensors { path: PathBuf, message: String },
     #[error("{path}: {message}")]
     TorchBin { path: PathBuf, message: String },
     #[error("{path}: tensor `{key}` appears in two files (also in {other})")]
-    Duplicate { path: PathBuf, other: PathBuf, key: String },
+    Duplicate {
+        path: PathBuf,
+        other: PathBuf,
+        key: String,
+    },
     #[error("{dir}: no tensor `{key}`")]
     NotFound { dir: PathBuf, key: String },
     #[error("{path}: tensor `{key}` has dtype {dtype}, which cannot be read as float")]
-    UnsupportedDtype { path: PathBuf, key: String, dtype: StoredDType },
-}
-
-/// Element type of a stored tensor.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum StoredDType {
-    F16,
-    BF16,
-    F32,
-    F64,
-    /// Any other type (integers, fp8, …), by its safetensors / torch name.
-    Other(String),
-}
-
-impl StoredDType {
-    /// The name as `torch_dtype` spells it (`float16`, `bfloat16`, …).
-    pub fn name(&self) -> &str {
-        match self {
-            StoredDType::F16 => "float16",
-            StoredDType::BF16 => "bfloat16",
-            StoredDType::F32 => "float32",
-            StoredDType::F64 => "float64",
-            StoredDType::Other(name) => name,
-        }
-    }
-
-    /// Bytes per element, for the float types.
-    pub fn size(&self) -> Option<usize> {
-        match self {
-            StoredDType::F16 | StoredDType::BF16 => Some(2),
-            StoredDType::F32 => Some(4),
-            StoredDType::F64 => Some(8),
-            StoredDType::Other(_) => None,
-        }
-    }
-
-    fn from_safetensors(dtype: safetensors::Dtype) -> Self {
-        match dtype {
-            safetensors::Dtype::F16 => StoredDType::F16,
-            safetensors::Dtype::BF16 => StoredDType::BF16,
-            safetensors::Dtype::F32 => StoredDType::F32,
-            safetensors::Dtype::F64 => StoredDType::F64,
-            other => StoredDType::Other(format!("{other:?}")),
-        }
-    }
-
-    /// Parses a torch dtype name (`torch.float16`, `float16`, `half`, `F16`, …).
-    pub fn from_name(name: &str) -> Self {
-        let short = name.trim_start_matches("torch.");
-        match short.to_ascii_lowercase().as_str() {
-            "float16" | "half" | "f16" => StoredDType::F16,
-            "bfloat16" | "bf16" => StoredDType::BF16,
-            "float32" | "float" | "f32" => StoredDType::F32,
-            "float64" | "double" | "f64" => StoredDType::F64,
-            _ => StoredDType::Other(short.to_string()),
-        }
-    }
-}
-
-impl fmt::Display for StoredDType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// Dtype and shape of one stored tensor.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TensorInfo {
-    pub dtype: StoredDType,
-    pub shape: Vec<usize>,
-}
-
-impl TensorInfo {
-    pub fn numel(&self) -> usize {
-        self.shape.iter().product()
-    }
-
-    /// Stored size in bytes (0 for non-float types).
-    pub fn byte_len(&self) -> usize {
-        self.numel() * self.dtype.size().unwrap_or(0)
-    }
+    UnsupportedDtype {
+        path: PathBuf,
+        key: String,
+        dtype: StoredDType,
+    },
 }
 
 struct SafetensorsFile {
@@ -151,7 +93,10 @@ impl fmt::Debug for Checkpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Checkpoint")
             .field("label", &self.label)
-            .field("files", &self.files.iter().map(|w| &w.path).collect::<Vec<_>>())
+            .field(
+                "files",
+                &self.files.iter().map(|w| &w.path).collect::<Vec<_>>(),
+            )
             .field("tensors", &self.tensors.len())
             .finish()
     }
@@ -178,24 +123,36 @@ impl Checkpoint {
         } else if bin_single.is_file() {
             Self::open_files(dir, &[bin_single])
         } else {
-            Err(CheckpointError::NoWeights { dir: dir.to_path_buf() })
+            Err(CheckpointError::NoWeights {
+                dir: dir.to_path_buf(),
+            })
         }
     }
 
     /// Whether `dir` holds model weights [`Checkpoint::open_dir`] can read.
     pub fn dir_has_weights(dir: &Path) -> bool {
-        ["model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin"]
-            .iter()
-            .any(|name| dir.join(name).is_file())
+        [
+            "model.safetensors.index.json",
+            "model.safetensors",
+            "pytorch_model.bin.index.json",
+            "pytorch_model.bin",
+        ]
+        .iter()
+        .any(|name| dir.join(name).is_file())
     }
 
     /// Opens a sharded checkpoint through its index; every shard the index names must exist and
     /// hold the tensors listed for it.
     pub fn open_index(dir: &Path, index_path: &Path) -> Result<Self, CheckpointError> {
-        let text = std::fs::read_to_string(index_path)
-            .map_err(|source| CheckpointError::Io { path: index_path.to_path_buf(), source })?;
-        let index: ShardIndex = serde_json::from_str(&text)
-            .map_err(|e| CheckpointError::Index { path: index_path.to_path_buf(), message: e.to_string() })?;
+        let text = std::fs::read_to_string(index_path).map_err(|source| CheckpointError::Io {
+            path: index_path.to_path_buf(),
+            source,
+        })?;
+        let index: ShardIndex =
+            serde_json::from_str(&text).map_err(|e| CheckpointError::Index {
+                path: index_path.to_path_buf(),
+                message: e.to_string(),
+            })?;
         let mut shards: Vec<String> = index.weight_map.values().cloned().collect();
         shards.sort();
         shards.dedup();
@@ -219,9 +176,16 @@ impl Checkpoint {
         let checkpoint = Self::open_files(dir, &paths)?;
         for (key, shard) in &index.weight_map {
             let shard_path = dir_of_index.join(shard);
-            let holds = checkpoint.tensors.get(key).is_some_and(|(file, _)| checkpoint.files[*file].path == shard_path);
+            let holds = checkpoint
+                .tensors
+                .get(key)
+                .is_some_and(|(file, _)| checkpoint.files[*file].path == shard_path);
             if !holds {
-                return Err(CheckpointError::NotInShard { index: index_path.to_path_buf(), shard: shard_path, key: key.clone() });
+                return Err(CheckpointError::NotInShard {
+                    index: index_path.to_path_buf(),
+                    shard: shard_path,
+                    key: key.clone(),
+                });
             }
         }
         Ok(checkpoint)
@@ -230,12 +194,20 @@ impl Checkpoint {
     /// Opens the given weight files (`.safetensors` or torch `.bin`) as one checkpoint; `label`
     /// names it in errors.
     pub fn open_files(label: &Path, paths: &[PathBuf]) -> Result<Self, CheckpointError> {
-        let mut checkpoint =
-            Checkpoint { label: label.to_path_buf(), files: Vec::new(), tensors: BTreeMap::new(), bin_cache: None };
+        let mut checkpoint = Checkpoint {
+            label: label.to_path_buf(),
+            files: Vec::new(),
+            tensors: BTreeMap::new(),
+            bin_cache: None,
+        };
         for path in paths {
             let file_index = checkpoint.files.len();
             let is_safetensors = path.extension().is_some_and(|e| e == "safetensors");
-            let (kind, infos) = if is_safetensors { open_safetensors(path)? } else { open_torch_bin(path)? };
+            let (kind, infos) = if is_safetensors {
+                open_safetensors(path)?
+            } else {
+                open_torch_bin(path)?
+            };
             for (key, info) in infos {
                 if let Some((other, _)) = checkpoint.tensors.get(&key) {
                     return Err(CheckpointError::Duplicate {
@@ -246,7 +218,10 @@ impl Checkpoint {
                 }
                 checkpoint.tensors.insert(key, (file_index, info));
             }
-            checkpoint.files.push(WeightFile { path: path.clone(), kind });
+            checkpoint.files.push(WeightFile {
+                path: path.clone(),
+                kind,
+            });
         }
         Ok(checkpoint)
     }
@@ -278,12 +253,17 @@ impl Checkpoint {
         self.tensors
             .get(key)
             .map(|(_, info)| info)
-            .ok_or_else(|| CheckpointError::NotFound { dir: self.label.clone(), key: key.to_string() })
+            .ok_or_else(|| CheckpointError::NotFound {
+                dir: self.label.clone(),
+                key: key.to_string(),
+            })
     }
 
     /// The file holding a tensor.
     pub fn file_of(&self, key: &str) -> Option<&Path> {
-        self.tensors.get(key).map(|(file, _)| self.files[*file].path.as_path())
+        self.tensors
+            .get(key)
+            .map(|(file, _)| self.files[*file].path.as_path())
     }
 
     /// The dtype most tensors are stored in (by bytes), e.g. `float16`.
@@ -292,47 +272,74 @@ impl Checkpoint {
         for (_, info) in self.tensors.values() {
             *bytes.entry(&info.dtype).or_default() += info.numel();
         }
-        bytes.into_iter().max_by_key(|(dtype, n)| (*n, dtype.name().to_string())).map(|(d, _)| d.clone())
+        bytes
+            .into_iter()
+            .max_by_key(|(dtype, n)| (*n, dtype.name().to_string()))
+            .map(|(d, _)| d.clone())
     }
 
     /// Reads one tensor and converts it to float32.
     pub fn load_f32(&mut self, key: &str) -> Result<(Vec<usize>, Vec<f32>), CheckpointError> {
-        let (file_index, info) = self
-            .tensors
-            .get(key)
-            .cloned()
-            .ok_or_else(|| CheckpointError::NotFound { dir: self.label.clone(), key: key.to_string() })?;
+        let (file_index, info) =
+            self.tensors
+                .get(key)
+                .cloned()
+                .ok_or_else(|| CheckpointError::NotFound {
+                    dir: self.label.clone(),
+                    key: key.to_string(),
+                })?;
         let path = self.files[file_index].path.clone();
         let data = match &self.files[file_index].kind {
             FileKind::Safetensors(file) => {
-                let &(start, end) = file.ranges.get(key).ok_or_else(|| CheckpointError::NotFound {
-                    dir: path.clone(),
-                    key: key.to_string(),
-                })?;
-                let bytes = file.mmap.get(start..end).ok_or_else(|| CheckpointError::Safetensors {
-                    path: path.clone(),
-                    message: format!("tensor `{key}` lies outside the file"),
-                })?;
-                bytes_to_f32(bytes, &info.dtype).ok_or_else(|| CheckpointError::UnsupportedDtype {
-                    path: path.clone(),
-                    key: key.to_string(),
-                    dtype: info.dtype.clone(),
+                let &(start, end) =
+                    file.ranges
+                        .get(key)
+                        .ok_or_else(|| CheckpointError::NotFound {
+                            dir: path.clone(),
+                            key: key.to_string(),
+                        })?;
+                let bytes =
+                    file.mmap
+                        .get(start..end)
+                        .ok_or_else(|| CheckpointError::Safetensors {
+                            path: path.clone(),
+                            message: format!("tensor `{key}` lies outside the file"),
+                        })?;
+                bytes_to_f32(bytes, &info.dtype).ok_or_else(|| {
+                    CheckpointError::UnsupportedDtype {
+                        path: path.clone(),
+                        key: key.to_string(),
+                        dtype: info.dtype.clone(),
+                    }
                 })?
             }
             FileKind::TorchBin => {
-                if self.bin_cache.as_ref().is_none_or(|(cached, _)| *cached != file_index) {
+                if self
+                    .bin_cache
+                    .as_ref()
+                    .is_none_or(|(cached, _)| *cached != file_index)
+                {
                     self.bin_cache = None;
-                    let tensors = read_torch_bin(&path)
-                        .map_err(|e| CheckpointError::TorchBin { path: path.clone(), message: e.to_string() })?;
+                    let tensors = read_torch_bin(&path).map_err(|e| CheckpointError::TorchBin {
+                        path: path.clone(),
+                        message: e.to_string(),
+                    })?;
                     self.bin_cache = Some((file_index, tensors.into_iter().collect()));
                 }
                 let raw = self
                     .bin_cache
                     .as_ref()
                     .and_then(|(_, tensors)| tensors.get(key))
-                    .ok_or_else(|| CheckpointError::NotFound { dir: path.clone(), key: key.to_string() })?;
+                    .ok_or_else(|| CheckpointError::NotFound {
+                        dir: path.clone(),
+                        key: key.to_string(),
+                    })?;
                 if !raw.dtype.is_float() {
-                    return Err(CheckpointError::UnsupportedDtype { path, key: key.to_string(), dtype: info.dtype });
+                    return Err(CheckpointError::UnsupportedDtype {
+                        path,
+                        key: key.to_string(),
+                        dtype: info.dtype,
+                    });
                 }
                 raw.to_f32().map_err(|e| CheckpointError::TorchBin {
                     path: path.clone(),
@@ -343,7 +350,12 @@ impl Checkpoint {
         if data.len() != info.numel() {
             return Err(CheckpointError::Safetensors {
                 path,
-                message: format!("tensor `{key}` holds {} elements, its shape {:?} needs {}", data.len(), info.shape, info.numel()),
+                message: format!(
+                    "tensor `{key}` holds {} elements, its shape {:?} needs {}",
+                    data.len(),
+                    info.shape,
+                    info.numel()
+                ),
             });
         }
         Ok((info.shape, data))
@@ -351,75 +363,64 @@ impl Checkpoint {
 }
 
 fn open_safetensors(path: &Path) -> Result<(FileKind, Vec<(String, TensorInfo)>), CheckpointError> {
-    let file = File::open(path).map_err(|source| CheckpointError::Io { path: path.to_path_buf(), source })?;
+    let file = File::open(path).map_err(|source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
     // SAFETY: the map is read-only; a checkpoint modified on disk while it is being read is
     // outside what this tool can guard against (as for every memory-mapped reader).
-    let mmap = unsafe { Mmap::map(&file) }.map_err(|source| CheckpointError::Io { path: path.to_path_buf(), source })?;
-    let (header_len, metadata) = safetensors::SafeTensors::read_metadata(&mmap)
-        .map_err(|e| CheckpointError::Safetensors { path: path.to_path_buf(), message: e.to_string() })?;
+    let mmap = unsafe { Mmap::map(&file) }.map_err(|source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let (header_len, metadata) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
+        CheckpointError::Safetensors {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        }
+    })?;
     let data_start = 8 + header_len;
     let mut ranges = HashMap::new();
     let mut infos = Vec::new();
     for (name, info) in metadata.tensors() {
         let (begin, end) = info.data_offsets;
         ranges.insert(name.clone(), (data_start + begin, data_start + end));
-        infos.push((name, TensorInfo { dtype: StoredDType::from_safetensors(info.dtype), shape: info.shape.clone() }));
+        infos.push((
+            name,
+            TensorInfo {
+                dtype: StoredDType::from_safetensors(info.dtype),
+                shape: info.shape.clone(),
+            },
+        ));
     }
-    Ok((FileKind::Safetensors(SafetensorsFile { mmap, ranges }), infos))
+    Ok((
+        FileKind::Safetensors(SafetensorsFile { mmap, ranges }),
+        infos,
+    ))
 }
 
 fn open_torch_bin(path: &Path) -> Result<(FileKind, Vec<(String, TensorInfo)>), CheckpointError> {
-    let tensors = read_torch_bin(path).map_err(|e| CheckpointError::TorchBin { path: path.to_path_buf(), message: e.to_string() })?;
+    let tensors = read_torch_bin(path).map_err(|e| CheckpointError::TorchBin {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
     let infos = tensors
         .iter()
-        .map(|(name, raw)| (name.clone(), TensorInfo { dtype: bin_dtype(raw), shape: raw.shape.clone() }))
+        .map(|(name, raw)| {
+            (
+                name.clone(),
+                TensorInfo {
+                    dtype: bin_dtype(raw),
+                    shape: raw.shape.clone(),
+                },
+            )
+        })
         .collect();
     Ok((FileKind::TorchBin, infos))
 }
 
 fn bin_dtype(raw: &RawTensor) -> StoredDType {
     StoredDType::from_name(raw.dtype.torch_name())
-}
-
-/// Converts little-endian float bytes to f32; `None` for non-float dtypes.
-pub fn bytes_to_f32(bytes: &[u8], dtype: &StoredDType) -> Option<Vec<f32>> {
-    let size = dtype.size()?;
-    if bytes.len() % size != 0 {
-        return None;
-    }
-    let n = bytes.len() / size;
-    let mut out = vec![0f32; n];
-    match dtype {
-        StoredDType::F16 => aligned::<u16>(bytes).map(|v| bytemuck::cast_slice::<u16, f16>(&v).convert_to_f32_slice(&mut out)),
-        StoredDType::BF16 => aligned::<u16>(bytes).map(|v| bytemuck::cast_slice::<u16, bf16>(&v).convert_to_f32_slice(&mut out)),
-        StoredDType::F32 => {
-            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-            }
-            Some(())
-        }
-        StoredDType::F64 => {
-            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(8)) {
-                let mut b = [0u8; 8];
-                b.copy_from_slice(c);
-                *o = f64::from_le_bytes(b) as f32;
-            }
-            Some(())
-        }
-        StoredDType::Other(_) => None,
-    }?;
-    Some(out)
-}
-
-/// Views little-endian bytes as `T`s, copying only when they are not aligned for `T`.
-fn aligned<T: bytemuck::Pod>(bytes: &[u8]) -> Option<Cow<'_, [T]>> {
-    match bytemuck::try_cast_slice::<u8, T>(bytes) {
-        Ok(view) => Some(Cow::Borrowed(view)),
-        Err(bytemuck::PodCastError::TargetAlignmentGreaterAndInputNotAligned) => {
-            Some(Cow::Owned(bytemuck::pod_collect_to_vec::<u8, T>(bytes)))
-        }
-        Err(_) => None,
-    }
 }
 
 #[cfg(test)]
@@ -430,29 +431,20 @@ mod tests {
     fn write_st(path: &Path, tensors: &[(&str, safetensors::Dtype, Vec<usize>, Vec<u8>)]) {
         let views: Vec<(String, TensorView<'_>)> = tensors
             .iter()
-            .map(|(n, d, s, b)| (n.to_string(), TensorView::new(*d, s.clone(), b).expect("view")))
+            .map(|(n, d, s, b)| {
+                (
+                    n.to_string(),
+                    TensorView::new(*d, s.clone(), b).expect("view"),
+                )
+            })
             .collect();
         safetensors::serialize_to_file(views, None, path).expect("write safetensors");
     }
 
     fn f16_bytes(v: &[f32]) -> Vec<u8> {
-        v.iter().flat_map(|x| f16::from_f32(*x).to_le_bytes()).collect()
-    }
-
-    #[test]
-    fn converts_every_float_dtype() {
-        let v = [1.0f32, -2.5, 0.125];
-        let bf: Vec<u8> = v.iter().flat_map(|x| bf16::from_f32(*x).to_le_bytes()).collect();
-        let f32b: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-        let f64b: Vec<u8> = v.iter().flat_map(|x| f64::from(*x).to_le_bytes()).collect();
-        for (bytes, dtype) in [(f16_bytes(&v), StoredDType::F16), (bf, StoredDType::BF16), (f32b, StoredDType::F32), (f64b, StoredDType::F64)] {
-            assert_eq!(bytes_to_f32(&bytes, &dtype).as_deref(), Some(&v[..]), "{dtype}");
-            // Misaligned input is copied, not rejected.
-            let mut shifted = vec![0u8];
-            shifted.extend_from_slice(&bytes);
-            assert_eq!(bytes_to_f32(&shifted[1..], &dtype).as_deref(), Some(&v[..]), "{dtype} misaligned");
-        }
-        assert_eq!(bytes_to_f32(&[0, 0], &StoredDType::Other("I16".into())), None);
+        v.iter()
+            .flat_map(|x| f16::from_f32(*x).to_le_bytes())
+            .collect()
     }
 
     #[test]
@@ -461,16 +453,33 @@ mod tests {
         write_st(
             &tmp.path().join("model.safetensors"),
             &[
-                ("b", safetensors::Dtype::F16, vec![2, 2], f16_bytes(&[1.0, 2.0, 3.0, 4.0])),
+                (
+                    "b",
+                    safetensors::Dtype::F16,
+                    vec![2, 2],
+                    f16_bytes(&[1.0, 2.0, 3.0, 4.0]),
+                ),
                 ("a", safetensors::Dtype::I64, vec![1], vec![0; 8]),
             ],
         );
         let mut ck = Checkpoint::open_dir(tmp.path()).expect("open");
         assert_eq!(ck.keys().collect::<Vec<_>>(), ["a", "b"]);
-        assert_eq!(ck.info("b").expect("info"), &TensorInfo { dtype: StoredDType::F16, shape: vec![2, 2] });
-        assert_eq!(ck.load_f32("b").expect("load"), (vec![2, 2], vec![1.0, 2.0, 3.0, 4.0]));
+        assert_eq!(
+            ck.info("b").expect("info"),
+            &TensorInfo {
+                dtype: StoredDType::F16,
+                shape: vec![2, 2]
+            }
+        );
+        assert_eq!(
+            ck.load_f32("b").expect("load"),
+            (vec![2, 2], vec![1.0, 2.0, 3.0, 4.0])
+        );
         let err = ck.load_f32("a").expect_err("int").to_string();
-        assert!(err.contains("model.safetensors") && err.contains("`a`") && err.contains("I64"), "{err}");
+        assert!(
+            err.contains("model.safetensors") && err.contains("`a`") && err.contains("I64"),
+            "{err}"
+        );
         let err = ck.load_f32("missing").expect_err("missing").to_string();
         assert!(err.contains("no tensor `missing`"), "{err}");
         assert_eq!(ck.dominant_dtype(), Some(StoredDType::F16));
@@ -480,31 +489,59 @@ mod tests {
     fn sharded_index_and_missing_shard() {
         let tmp = tempfile::tempdir().expect("tmp");
         let dir = tmp.path();
-        write_st(&dir.join("model-00001-of-00002.safetensors"), &[("x", safetensors::Dtype::F16, vec![1], f16_bytes(&[0.5]))]);
-        write_st(&dir.join("model-00002-of-00002.safetensors"), &[("y", safetensors::Dtype::F16, vec![1], f16_bytes(&[1.5]))]);
+        write_st(
+            &dir.join("model-00001-of-00002.safetensors"),
+            &[("x", safetensors::Dtype::F16, vec![1], f16_bytes(&[0.5]))],
+        );
+        write_st(
+            &dir.join("model-00002-of-00002.safetensors"),
+            &[("y", safetensors::Dtype::F16, vec![1], f16_bytes(&[1.5]))],
+        );
         let index = r#"{"metadata": {"total_size": 4}, "weight_map": {
             "x": "model-00001-of-00002.safetensors", "y": "model-00002-of-00002.safetensors"}}"#;
         std::fs::write(dir.join("model.safetensors.index.json"), index).expect("index");
         let mut ck = Checkpoint::open_dir(dir).expect("open");
         assert_eq!(ck.load_f32("y").expect("y").1, vec![1.5]);
-        assert!(ck.file_of("x").is_some_and(|p| p.ends_with("model-00001-of-00002.safetensors")));
+        assert!(
+            ck.file_of("x")
+                .is_some_and(|p| p.ends_with("model-00001-of-00002.safetensors"))
+        );
 
-        let index = index.replace("\"y\": \"model-00002-of-00002", "\"y\": \"model-00003-of-00002");
+        let index = index.replace(
+            "\"y\": \"model-00002-of-00002",
+            "\"y\": \"model-00003-of-00002",
+        );
         std::fs::write(dir.join("model.safetensors.index.json"), index).expect("index");
-        let err = Checkpoint::open_dir(dir).expect_err("missing shard").to_string();
-        assert!(err.contains("model.safetensors.index.json") && err.contains("model-00003-of-00002.safetensors"), "{err}");
-        assert!(err.contains("`y`") && err.contains("does not exist"), "{err}");
+        let err = Checkpoint::open_dir(dir)
+            .expect_err("missing shard")
+            .to_string();
+        assert!(
+            err.contains("model.safetensors.index.json")
+                && err.contains("model-00003-of-00002.safetensors"),
+            "{err}"
+        );
+        assert!(
+            err.contains("`y`") && err.contains("does not exist"),
+            "{err}"
+        );
 
         let index = r#"{"weight_map": {"x": "model-00001-of-00002.safetensors", "z": "model-00002-of-00002.safetensors"}}"#;
         std::fs::write(dir.join("model.safetensors.index.json"), index).expect("index");
-        let err = Checkpoint::open_dir(dir).expect_err("key not in shard").to_string();
-        assert!(err.contains("`z`") && err.contains("does not contain it"), "{err}");
+        let err = Checkpoint::open_dir(dir)
+            .expect_err("key not in shard")
+            .to_string();
+        assert!(
+            err.contains("`z`") && err.contains("does not contain it"),
+            "{err}"
+        );
     }
 
     #[test]
     fn empty_dir_is_a_clear_error() {
         let tmp = tempfile::tempdir().expect("tmp");
-        let err = Checkpoint::open_dir(tmp.path()).expect_err("empty").to_string();
+        let err = Checkpoint::open_dir(tmp.path())
+            .expect_err("empty")
+            .to_string();
         assert!(err.contains("no weights found"), "{err}");
     }
 
@@ -512,10 +549,18 @@ mod tests {
     fn truncated_file_names_the_file() {
         let tmp = tempfile::tempdir().expect("tmp");
         let path = tmp.path().join("model.safetensors");
-        write_st(&path, &[("x", safetensors::Dtype::F16, vec![4], f16_bytes(&[1.0; 4]))]);
+        write_st(
+            &path,
+            &[("x", safetensors::Dtype::F16, vec![4], f16_bytes(&[1.0; 4]))],
+        );
         let bytes = std::fs::read(&path).expect("read");
         std::fs::write(&path, &bytes[..bytes.len() - 2]).expect("truncate");
-        let err = Checkpoint::open_dir(tmp.path()).expect_err("truncated").to_string();
-        assert!(err.contains("model.safetensors: not a valid safetensors file"), "{err}");
+        let err = Checkpoint::open_dir(tmp.path())
+            .expect_err("truncated")
+            .to_string();
+        assert!(
+            err.contains("model.safetensors: not a valid safetensors file"),
+            "{err}"
+        );
     }
 }

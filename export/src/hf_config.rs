@@ -8,7 +8,7 @@
 
 use std::path::Path;
 
-use carrot_graphs::config::{Activation, Llama3RopeScaling, RopeConfig, TextConfig, VisionConfig};
+use carrot_graphs::config::{Llama3RopeScaling, RopeConfig, TextConfig};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -16,37 +16,63 @@ use serde_json::Value;
 #[derive(thiserror::Error, Debug)]
 pub enum ConfigError {
     #[error("{file}: {source}")]
-    Io { file: String, source: std::io::Error },
+    Io {
+        file: String,
+        source: std::io::Error,
+    },
     #[error("{file}: invalid JSON: {source}")]
-    Json { file: String, source: serde_json::Error },
+    Json {
+        file: String,
+        source: serde_json::Error,
+    },
     #[error("{file}: missing `{key}`")]
     Missing { file: String, key: &'static str },
     #[error("{file}: {message}")]
     Invalid { file: String, message: String },
     #[error("{file}: {what} is not supported{hint}")]
-    Unsupported { file: String, what: String, hint: String },
+    Unsupported {
+        file: String,
+        what: String,
+        hint: String,
+    },
 }
 
 impl ConfigError {
     pub(crate) fn invalid(file: &str, message: impl Into<String>) -> Self {
-        ConfigError::Invalid { file: file.to_string(), message: message.into() }
+        ConfigError::Invalid {
+            file: file.to_string(),
+            message: message.into(),
+        }
     }
 
     pub(crate) fn unsupported(file: &str, what: impl Into<String>) -> Self {
-        ConfigError::Unsupported { file: file.to_string(), what: what.into(), hint: String::new() }
+        ConfigError::Unsupported {
+            file: file.to_string(),
+            what: what.into(),
+            hint: String::new(),
+        }
     }
 }
 
 /// Reads and parses a JSON file into `T`, naming the file in any error.
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { file: file.clone(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        file: file.clone(),
+        source,
+    })?;
     parse_json(&text, &file)
 }
 
 /// Parses JSON text into `T`; `file` is only used in error messages.
-pub fn parse_json<T: serde::de::DeserializeOwned>(text: &str, file: &str) -> Result<T, ConfigError> {
-    serde_json::from_str(text).map_err(|source| ConfigError::Json { file: file.to_string(), source })
+pub fn parse_json<T: serde::de::DeserializeOwned>(
+    text: &str,
+    file: &str,
+) -> Result<T, ConfigError> {
+    serde_json::from_str(text).map_err(|source| ConfigError::Json {
+        file: file.to_string(),
+        source,
+    })
 }
 
 /// A token id field that is either one integer or a list (`eos_token_id: 128001` or `[…]`).
@@ -131,29 +157,15 @@ pub struct HfModelConfig {
 impl HfModelConfig {
     /// Whether this config describes a Bunny-style vision-language model.
     pub fn is_multimodal(&self) -> bool {
-        self.mm_vision_tower.is_some() || self.mm_projector_type.is_some() || self.mm_hidden_size.is_some()
+        self.mm_vision_tower.is_some()
+            || self.mm_projector_type.is_some()
+            || self.mm_hidden_size.is_some()
     }
 
     /// The checkpoint's stored dtype as named in the config (`float16`, `bfloat16`, …).
     pub fn stored_dtype(&self) -> Option<&str> {
         self.dtype.as_deref().or(self.torch_dtype.as_deref())
     }
-}
-
-/// `SiglipVisionConfig` (the `vision_config` of a `SiglipModel`, or a `SiglipVisionModel` config).
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct HfSiglipVisionConfig {
-    pub model_type: Option<String>,
-    pub hidden_size: Option<usize>,
-    pub intermediate_size: Option<usize>,
-    pub num_hidden_layers: Option<usize>,
-    pub num_attention_heads: Option<usize>,
-    pub num_channels: Option<usize>,
-    pub image_size: Option<Value>,
-    pub patch_size: Option<Value>,
-    pub hidden_act: Option<String>,
-    pub layer_norm_eps: Option<f64>,
-    pub vision_config: Option<Value>,
 }
 
 /// `generation_config.json`.
@@ -203,9 +215,15 @@ impl GenerationDefaults {
 
 fn require(value: Option<usize>, file: &str, key: &'static str) -> Result<usize, ConfigError> {
     match value {
-        Some(0) => Err(ConfigError::invalid(file, format!("`{key}` must be positive"))),
+        Some(0) => Err(ConfigError::invalid(
+            file,
+            format!("`{key}` must be positive"),
+        )),
         Some(v) => Ok(v),
-        None => Err(ConfigError::Missing { file: file.to_string(), key }),
+        None => Err(ConfigError::Missing {
+            file: file.to_string(),
+            key,
+        }),
     }
 }
 
@@ -215,7 +233,10 @@ pub fn resolve_text_config(cfg: &HfModelConfig, file: &str) -> Result<TextConfig
         && act != "silu"
         && act != "swish"
     {
-        return Err(ConfigError::unsupported(file, format!("hidden_act `{act}` (the Llama MLP uses silu)")));
+        return Err(ConfigError::unsupported(
+            file,
+            format!("hidden_act `{act}` (the Llama MLP uses silu)"),
+        ));
     }
     let hidden_size = require(cfg.hidden_size, file, "hidden_size")?;
     let num_attention_heads = require(cfg.num_attention_heads, file, "num_attention_heads")?;
@@ -223,26 +244,33 @@ pub fn resolve_text_config(cfg: &HfModelConfig, file: &str) -> Result<TextConfig
         None => num_attention_heads,
         Some(n) => require(Some(n), file, "num_key_value_heads")?,
     };
-    if num_attention_heads % num_kv_heads != 0 {
+    if !num_attention_heads.is_multiple_of(num_kv_heads) {
         return Err(ConfigError::invalid(
             file,
-            format!("num_attention_heads ({num_attention_heads}) is not a multiple of num_key_value_heads ({num_kv_heads})"),
+            format!(
+                "num_attention_heads ({num_attention_heads}) is not a multiple of num_key_value_heads ({num_kv_heads})"
+            ),
         ));
     }
     let head_dim = match cfg.head_dim {
         Some(d) => require(Some(d), file, "head_dim")?,
         None => {
-            if hidden_size % num_attention_heads != 0 {
+            if !hidden_size.is_multiple_of(num_attention_heads) {
                 return Err(ConfigError::invalid(
                     file,
-                    format!("hidden_size ({hidden_size}) is not a multiple of num_attention_heads ({num_attention_heads})"),
+                    format!(
+                        "hidden_size ({hidden_size}) is not a multiple of num_attention_heads ({num_attention_heads})"
+                    ),
                 ));
             }
             hidden_size / num_attention_heads
         }
     };
-    if head_dim % 2 != 0 {
-        return Err(ConfigError::invalid(file, format!("head_dim ({head_dim}) must be even for RoPE")));
+    if !head_dim.is_multiple_of(2) {
+        return Err(ConfigError::invalid(
+            file,
+            format!("head_dim ({head_dim}) must be even for RoPE"),
+        ));
     }
     let max_position_embeddings = cfg.max_position_embeddings.unwrap_or(2048);
     Ok(TextConfig {
@@ -268,13 +296,23 @@ const DEFAULT_ROPE_THETA: f64 = 10_000.0;
 /// Resolves RoPE the way transformers 5 `convert_rope_params_to_dict` + `standardize_rope_params`
 /// do: `rope_scaling` wins over `rope_parameters`; `rope_theta` inside the dict wins over the
 /// top-level key; `type` is the old spelling of `rope_type`.
-fn resolve_rope(cfg: &HfModelConfig, max_position_embeddings: usize, file: &str) -> Result<RopeConfig, ConfigError> {
+fn resolve_rope(
+    cfg: &HfModelConfig,
+    max_position_embeddings: usize,
+    file: &str,
+) -> Result<RopeConfig, ConfigError> {
     let params = match (&cfg.rope_scaling, &cfg.rope_parameters) {
         (Some(scaling), _) => scaling.clone(),
         (None, None) | (None, Some(Value::Null)) => HfRopeParameters::default(),
         (None, Some(value)) => {
-            if value.get("rope_type").is_none() && value.get("type").is_none() && value.get("rope_theta").is_none() {
-                let keys: Vec<&str> = value.as_object().map(|m| m.keys().map(String::as_str).collect()).unwrap_or_default();
+            if value.get("rope_type").is_none()
+                && value.get("type").is_none()
+                && value.get("rope_theta").is_none()
+            {
+                let keys: Vec<&str> = value
+                    .as_object()
+                    .map(|m| m.keys().map(String::as_str).collect())
+                    .unwrap_or_default();
                 return Err(ConfigError::unsupported(
                     file,
                     format!("per-layer-type `rope_parameters` ({})", keys.join(", ")),
@@ -284,21 +322,36 @@ fn resolve_rope(cfg: &HfModelConfig, max_position_embeddings: usize, file: &str)
                 .map_err(|e| ConfigError::invalid(file, format!("`rope_parameters`: {e}")))?
         }
     };
-    let theta = params.rope_theta.or(cfg.rope_theta).unwrap_or(DEFAULT_ROPE_THETA);
+    let theta = params
+        .rope_theta
+        .or(cfg.rope_theta)
+        .unwrap_or(DEFAULT_ROPE_THETA);
     if !(theta.is_finite() && theta > 0.0) {
-        return Err(ConfigError::invalid(file, format!("rope_theta must be positive, got {theta}")));
+        return Err(ConfigError::invalid(
+            file,
+            format!("rope_theta must be positive, got {theta}"),
+        ));
     }
     if let Some(p) = params.partial_rotary_factor.or(cfg.partial_rotary_factor)
         && p != 1.0
     {
-        return Err(ConfigError::unsupported(file, format!("partial_rotary_factor {p}")));
+        return Err(ConfigError::unsupported(
+            file,
+            format!("partial_rotary_factor {p}"),
+        ));
     }
-    let rope_type = params.rope_type.as_deref().or(params.legacy_type.as_deref()).unwrap_or("default");
+    let rope_type = params
+        .rope_type
+        .as_deref()
+        .or(params.legacy_type.as_deref())
+        .unwrap_or("default");
     let llama3 = match rope_type {
         "default" => None,
         "llama3" => {
             let get = |v: Option<f64>, key: &'static str| {
-                v.ok_or_else(|| ConfigError::invalid(file, format!("llama3 RoPE scaling needs `{key}`")))
+                v.ok_or_else(|| {
+                    ConfigError::invalid(file, format!("llama3 RoPE scaling needs `{key}`"))
+                })
             };
             let scaling = Llama3RopeScaling {
                 factor: get(params.factor, "factor")?,
@@ -327,108 +380,6 @@ fn resolve_rope(cfg: &HfModelConfig, max_position_embeddings: usize, file: &str)
     Ok(RopeConfig { theta, llama3 })
 }
 
-fn square_size(value: &Option<Value>, default: usize, file: &str, key: &str) -> Result<usize, ConfigError> {
-    let bad = || ConfigError::invalid(file, format!("`{key}` must be a positive integer or a square [n, n]"));
-    match value {
-        None | Some(Value::Null) => Ok(default),
-        Some(Value::Number(n)) => n.as_u64().filter(|&v| v > 0).map(|v| v as usize).ok_or_else(bad),
-        Some(Value::Array(items)) => {
-            let dims: Vec<u64> = items.iter().filter_map(Value::as_u64).collect();
-            match dims.as_slice() {
-                [h, w] if h == w && *h > 0 && items.len() == 2 => Ok(*h as usize),
-                [h, w] if items.len() == 2 => Err(ConfigError::unsupported(file, format!("non-square `{key}` {h}x{w}"))),
-                _ => Err(bad()),
-            }
-        }
-        Some(_) => Err(bad()),
-    }
-}
-
-/// Maps a transformers `hidden_act` name onto a graph activation.
-pub fn activation(name: &str, file: &str) -> Result<Activation, ConfigError> {
-    match name {
-        "gelu_pytorch_tanh" | "gelu_python_tanh" | "gelu_new" | "gelu_fast" => Ok(Activation::GeluTanh),
-        "gelu" | "gelu_python" => Ok(Activation::GeluErf),
-        "quick_gelu" => Ok(Activation::QuickGelu),
-        other => Err(ConfigError::unsupported(file, format!("vision hidden_act `{other}`"))),
-    }
-}
-
-/// The SigLIP vision hyper-parameters, before the feature layer is chosen.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct SiglipParams {
-    pub hidden_size: usize,
-    pub intermediate_size: usize,
-    pub num_layers: usize,
-    pub num_attention_heads: usize,
-    pub num_channels: usize,
-    pub image_size: usize,
-    pub patch_size: usize,
-    pub layer_norm_eps: f64,
-    pub activation: Activation,
-}
-
-impl SiglipParams {
-    /// Parses a SigLIP config: a `SiglipModel` config (uses its `vision_config`), a
-    /// `SiglipVisionModel` config, or a bare `vision_config` object. Missing keys take
-    /// `SiglipVisionConfig`'s defaults, as the published configs rely on them.
-    pub fn from_value(value: &Value, file: &str) -> Result<Self, ConfigError> {
-        let raw: HfSiglipVisionConfig =
-            serde_json::from_value(value.clone()).map_err(|e| ConfigError::invalid(file, e.to_string()))?;
-        if let Some(inner) = &raw.vision_config {
-            if raw.model_type.as_deref().is_some_and(|t| t == "siglip_vision_model") {
-                return Err(ConfigError::invalid(file, "a siglip_vision_model config holding a vision_config"));
-            }
-            return Self::from_value(inner, file);
-        }
-        if let Some(t) = raw.model_type.as_deref()
-            && !matches!(t, "siglip_vision_model" | "siglip")
-        {
-            return Err(ConfigError::unsupported(file, format!("vision tower model_type `{t}` (only SigLIP is)")));
-        }
-        let params = SiglipParams {
-            hidden_size: raw.hidden_size.unwrap_or(768),
-            intermediate_size: raw.intermediate_size.unwrap_or(3072),
-            num_layers: raw.num_hidden_layers.unwrap_or(12),
-            num_attention_heads: raw.num_attention_heads.unwrap_or(12),
-            num_channels: raw.num_channels.unwrap_or(3),
-            image_size: square_size(&raw.image_size, 224, file, "image_size")?,
-            patch_size: square_size(&raw.patch_size, 16, file, "patch_size")?,
-            layer_norm_eps: raw.layer_norm_eps.unwrap_or(1e-6),
-            activation: activation(raw.hidden_act.as_deref().unwrap_or("gelu_pytorch_tanh"), file)?,
-        };
-        if params.hidden_size % params.num_attention_heads != 0 {
-            return Err(ConfigError::invalid(
-                file,
-                format!(
-                    "vision hidden_size ({}) is not a multiple of num_attention_heads ({})",
-                    params.hidden_size, params.num_attention_heads
-                ),
-            ));
-        }
-        if params.patch_size > params.image_size {
-            return Err(ConfigError::invalid(file, "vision patch_size is larger than image_size"));
-        }
-        Ok(params)
-    }
-
-    /// The resolved vision config, running `layers_used` encoder layers.
-    pub fn with_layers_used(self, layers_used: usize) -> VisionConfig {
-        VisionConfig {
-            hidden_size: self.hidden_size,
-            intermediate_size: self.intermediate_size,
-            num_layers: self.num_layers,
-            num_attention_heads: self.num_attention_heads,
-            num_channels: self.num_channels,
-            image_size: self.image_size,
-            patch_size: self.patch_size,
-            layer_norm_eps: self.layer_norm_eps,
-            activation: self.activation,
-            layers_used,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -444,11 +395,23 @@ mod tests {
     fn defaults_follow_llama_config() {
         let t = text(&format!("{{{BASE}}}")).expect("minimal");
         assert_eq!((t.head_dim, t.num_kv_heads), (16, 4));
-        assert_eq!(t.rope, RopeConfig { theta: 10_000.0, llama3: None });
+        assert_eq!(
+            t.rope,
+            RopeConfig {
+                theta: 10_000.0,
+                llama3: None
+            }
+        );
         assert_eq!((t.rms_norm_eps, t.max_position_embeddings), (1e-6, 2048));
         assert!(!t.tie_word_embeddings && !t.attention_bias && !t.mlp_bias);
-        let t = text(&format!(r#"{{{BASE}, "head_dim": 32, "num_key_value_heads": 2, "attention_bias": true}}"#)).expect("explicit");
-        assert_eq!((t.head_dim, t.num_kv_heads, t.attention_bias), (32, 2, true));
+        let t = text(&format!(
+            r#"{{{BASE}, "head_dim": 32, "num_key_value_heads": 2, "attention_bias": true}}"#
+        ))
+        .expect("explicit");
+        assert_eq!(
+            (t.head_dim, t.num_kv_heads, t.attention_bias),
+            (32, 2, true)
+        );
     }
 
     #[test]
@@ -465,56 +428,95 @@ mod tests {
         .expect("v5");
         assert_eq!(v4.rope, v5.rope);
         let scaling = v5.rope.llama3.expect("llama3");
-        assert_eq!((v5.rope.theta, scaling.factor, scaling.original_max_position_embeddings), (500000.0, 8.0, 8192.0));
-        let plain = text(&format!(r#"{{{BASE}, "rope_parameters": {{"rope_type": "default", "rope_theta": 1e6}}}}"#)).expect("default");
-        assert_eq!(plain.rope, RopeConfig { theta: 1e6, llama3: None });
-        let null = text(&format!(r#"{{{BASE}, "rope_theta": 5e5, "rope_scaling": null}}"#)).expect("null scaling");
-        assert_eq!(null.rope, RopeConfig { theta: 5e5, llama3: None });
+        assert_eq!(
+            (
+                v5.rope.theta,
+                scaling.factor,
+                scaling.original_max_position_embeddings
+            ),
+            (500000.0, 8.0, 8192.0)
+        );
+        let plain = text(&format!(
+            r#"{{{BASE}, "rope_parameters": {{"rope_type": "default", "rope_theta": 1e6}}}}"#
+        ))
+        .expect("default");
+        assert_eq!(
+            plain.rope,
+            RopeConfig {
+                theta: 1e6,
+                llama3: None
+            }
+        );
+        let null = text(&format!(
+            r#"{{{BASE}, "rope_theta": 5e5, "rope_scaling": null}}"#
+        ))
+        .expect("null scaling");
+        assert_eq!(
+            null.rope,
+            RopeConfig {
+                theta: 5e5,
+                llama3: None
+            }
+        );
     }
 
     #[test]
     fn unknown_rope_types_are_refused() {
         for kind in ["yarn", "dynamic", "linear", "longrope"] {
-            let err = text(&format!(r#"{{{BASE}, "rope_scaling": {{"rope_type": "{kind}", "factor": 2.0}}}}"#))
-                .expect_err(kind)
-                .to_string();
-            assert!(err.contains(&format!("RoPE type `{kind}` is not supported")), "{err}");
+            let err = text(&format!(
+                r#"{{{BASE}, "rope_scaling": {{"rope_type": "{kind}", "factor": 2.0}}}}"#
+            ))
+            .expect_err(kind)
+            .to_string();
+            assert!(
+                err.contains(&format!("RoPE type `{kind}` is not supported")),
+                "{err}"
+            );
         }
     }
 
     #[test]
     fn missing_and_inconsistent_keys() {
-        let err = text(r#"{"hidden_size": 64}"#).expect_err("missing").to_string();
-        assert!(err.contains("config.json: missing `num_attention_heads`"), "{err}");
-        let err = text(&format!(r#"{{{BASE}, "num_key_value_heads": 3}}"#)).expect_err("gqa").to_string();
-        assert!(err.contains("not a multiple of num_key_value_heads"), "{err}");
-        let err = text(&format!(r#"{{{BASE}, "hidden_act": "gelu"}}"#)).expect_err("act").to_string();
+        let err = text(r#"{"hidden_size": 64}"#)
+            .expect_err("missing")
+            .to_string();
+        assert!(
+            err.contains("config.json: missing `num_attention_heads`"),
+            "{err}"
+        );
+        let err = text(&format!(r#"{{{BASE}, "num_key_value_heads": 3}}"#))
+            .expect_err("gqa")
+            .to_string();
+        assert!(
+            err.contains("not a multiple of num_key_value_heads"),
+            "{err}"
+        );
+        let err = text(&format!(r#"{{{BASE}, "hidden_act": "gelu"}}"#))
+            .expect_err("act")
+            .to_string();
         assert!(err.contains("hidden_act `gelu`"), "{err}");
     }
 
     #[test]
     fn token_ids_and_generation_defaults() {
-        let model: HfModelConfig = parse_json(r#"{"bos_token_id": 1, "eos_token_id": [2, 3]}"#, "c").expect("model");
-        let generation: HfGenerationConfig =
-            parse_json(r#"{"temperature": 0.2, "top_p": 0.9, "eos_token_id": 7, "max_new_tokens": 512}"#, "g").expect("gen");
+        let model: HfModelConfig =
+            parse_json(r#"{"bos_token_id": 1, "eos_token_id": [2, 3]}"#, "c").expect("model");
+        let generation: HfGenerationConfig = parse_json(
+            r#"{"temperature": 0.2, "top_p": 0.9, "eos_token_id": 7, "max_new_tokens": 512}"#,
+            "g",
+        )
+        .expect("gen");
         let d = GenerationDefaults::resolve(&model, Some(&generation));
-        assert_eq!((d.bos_token_id, d.eos_token_ids.as_slice()), (Some(1), &[7][..]));
-        assert_eq!((d.temperature, d.top_p, d.max_new_tokens), (Some(0.2), Some(0.9), Some(512)));
+        assert_eq!(
+            (d.bos_token_id, d.eos_token_ids.as_slice()),
+            (Some(1), &[7][..])
+        );
+        assert_eq!(
+            (d.temperature, d.top_p, d.max_new_tokens),
+            (Some(0.2), Some(0.9), Some(512))
+        );
         let d = GenerationDefaults::resolve(&model, None);
         assert_eq!(d.eos_token_ids, vec![2, 3]);
     }
 
-    #[test]
-    fn siglip_activation_and_image_size() {
-        let v = serde_json::json!({"hidden_act": "quick_gelu", "image_size": [56, 56], "patch_size": 14,
-            "hidden_size": 16, "num_attention_heads": 2});
-        let p = SiglipParams::from_value(&v, "c").expect("params");
-        assert_eq!((p.activation, p.image_size), (Activation::QuickGelu, 56));
-        let v = serde_json::json!({"image_size": [56, 28]});
-        assert!(SiglipParams::from_value(&v, "c").expect_err("non-square").to_string().contains("non-square"));
-        let v = serde_json::json!({"hidden_act": "relu"});
-        assert!(SiglipParams::from_value(&v, "c").is_err());
-        let v = serde_json::json!({"model_type": "clip_vision_model"});
-        assert!(SiglipParams::from_value(&v, "c").expect_err("clip").to_string().contains("only SigLIP"));
-    }
 }

@@ -17,6 +17,8 @@ use carrot_graphs::config::RopeConfig;
 
 /// The `head_dim / 2` inverse frequencies of a Llama rotary embedding, llama3 scaling applied
 /// when `rope.llama3` is set.
+// `!(a < b)` is kept as transformers writes it (`~(wavelen < high_freq_wavelen)`).
+#[allow(clippy::neg_cmp_op_on_partial_ord)]
 pub fn llama3_inv_freq(head_dim: usize, rope: &RopeConfig) -> Vec<f32> {
     let dim = head_dim as f32;
     let base = rope.theta as f32;
@@ -32,14 +34,20 @@ pub fn llama3_inv_freq(head_dim: usize, rope: &RopeConfig) -> Vec<f32> {
     let factor = scaling.factor as f32;
     let low_freq_factor = scaling.low_freq_factor as f32;
     let old_context_len = scaling.original_max_position_embeddings as f32;
-    let low_freq_wavelen = (scaling.original_max_position_embeddings / scaling.low_freq_factor) as f32;
-    let high_freq_wavelen = (scaling.original_max_position_embeddings / scaling.high_freq_factor) as f32;
+    let low_freq_wavelen =
+        (scaling.original_max_position_embeddings / scaling.low_freq_factor) as f32;
+    let high_freq_wavelen =
+        (scaling.original_max_position_embeddings / scaling.high_freq_factor) as f32;
     let factor_span = (scaling.high_freq_factor - scaling.low_freq_factor) as f32;
     let two_pi = (2.0 * PI) as f32;
     inv_freq
         .map(|inv| {
             let wavelen = (1.0f32 / inv) * two_pi;
-            let inv_llama = if wavelen > low_freq_wavelen { inv / factor } else { inv };
+            let inv_llama = if wavelen > low_freq_wavelen {
+                inv / factor
+            } else {
+                inv
+            };
             let smooth = ((1.0f32 / wavelen) * old_context_len - low_freq_factor) / factor_span;
             let smoothed = ((1.0f32 - smooth) * inv_llama) / factor + smooth * inv_llama;
             let medium = !(wavelen < high_freq_wavelen) && !(wavelen > low_freq_wavelen);

@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 
 use carrot_graphs::config::Activation;
 
-use crate::hf_config::{ConfigError, HfModelConfig, SiglipParams, read_json};
+use crate::hf_config::{ConfigError, HfModelConfig, read_json};
+use crate::siglip_config::SiglipParams;
 
 /// SigLIP vision towers whose configs are known without a local copy, with the values of their
 /// published `config.json` (`vision_config`, transformers defaults filled in).
@@ -59,7 +60,10 @@ const fn large(image_size: usize) -> SiglipParams {
 /// Looks a hub id up in [`KNOWN_SIGLIP`] (exact match, ignoring a trailing `/`).
 pub fn known_siglip(name: &str) -> Option<SiglipParams> {
     let name = name.trim_end_matches('/');
-    KNOWN_SIGLIP.iter().find(|(id, _)| *id == name).map(|(_, params)| *params)
+    KNOWN_SIGLIP
+        .iter()
+        .find(|(id, _)| *id == name)
+        .map(|(_, params)| *params)
 }
 
 /// Where the vision config was found.
@@ -101,7 +105,11 @@ pub fn read_siglip_dir(dir: &Path) -> Result<SiglipParams, ConfigError> {
 /// The local directory `mm_vision_tower` names, if it is one.
 pub fn local_tower_dir(model_dir: &Path, mm_vision_tower: &str) -> Option<PathBuf> {
     let named = Path::new(mm_vision_tower);
-    let candidate = if named.is_absolute() { named.to_path_buf() } else { model_dir.join(named) };
+    let candidate = if named.is_absolute() {
+        named.to_path_buf()
+    } else {
+        model_dir.join(named)
+    };
     candidate.is_dir().then_some(candidate)
 }
 
@@ -116,7 +124,10 @@ pub fn resolve_siglip(
         return Ok((read_siglip_dir(dir)?, VisionOrigin::Flag(dir.to_path_buf())));
     }
     if let Some(value) = cfg.vision_config.as_ref().filter(|v| !v.is_null()) {
-        return Ok((SiglipParams::from_value(value, config_file)?, VisionOrigin::Embedded));
+        return Ok((
+            SiglipParams::from_value(value, config_file)?,
+            VisionOrigin::Embedded,
+        ));
     }
     let Some(tower) = cfg.mm_vision_tower.as_deref() else {
         return Err(ConfigError::Invalid {
@@ -161,12 +172,25 @@ mod tests {
     #[test]
     fn table_has_so400m() {
         let p = known_siglip("google/siglip-so400m-patch14-384").expect("known");
-        assert_eq!((p.hidden_size, p.intermediate_size, p.num_layers), (1152, 4304, 27));
-        assert_eq!((p.num_attention_heads, p.patch_size, p.image_size), (16, 14, 384));
+        assert_eq!(
+            (p.hidden_size, p.intermediate_size, p.num_layers),
+            (1152, 4304, 27)
+        );
+        assert_eq!(
+            (p.num_attention_heads, p.patch_size, p.image_size),
+            (16, 14, 384)
+        );
         assert_eq!(p.layer_norm_eps, 1e-6);
         assert_eq!(p.activation, Activation::GeluTanh);
-        assert_eq!(known_siglip("google/siglip-so400m-patch14-224").map(|p| p.image_size), Some(224));
-        for id in ["google/siglip-base-patch16-224", "google/siglip-base-patch16-384", "google/siglip-large-patch16-384"] {
+        assert_eq!(
+            known_siglip("google/siglip-so400m-patch14-224").map(|p| p.image_size),
+            Some(224)
+        );
+        for id in [
+            "google/siglip-base-patch16-224",
+            "google/siglip-base-patch16-384",
+            "google/siglip-large-patch16-384",
+        ] {
             assert!(known_siglip(id).is_some(), "{id}");
         }
         assert!(known_siglip("google/siglip2-base-patch16-224").is_none());
@@ -179,7 +203,10 @@ mod tests {
         let tower = tmp.path().join("siglip");
         let flag = tmp.path().join("flag");
         write_config(&tower, VISION_MODEL);
-        write_config(&flag, &VISION_MODEL.replace("\"hidden_size\": 32", "\"hidden_size\": 48"));
+        write_config(
+            &flag,
+            &VISION_MODEL.replace("\"hidden_size\": 32", "\"hidden_size\": 48"),
+        );
         std::fs::create_dir_all(&model).expect("mkdir");
 
         let embedded = r#"{"mm_vision_tower": "../siglip", "vision_config": {"hidden_size": 16,
@@ -187,29 +214,50 @@ mod tests {
         let cfg = model_cfg(embedded);
 
         let (p, origin) = resolve_siglip(&model, &cfg, "config.json", Some(&flag)).expect("flag");
-        assert_eq!((p.hidden_size, origin), (48, VisionOrigin::Flag(flag.clone())));
+        assert_eq!(
+            (p.hidden_size, origin),
+            (48, VisionOrigin::Flag(flag.clone()))
+        );
 
         let (p, origin) = resolve_siglip(&model, &cfg, "config.json", None).expect("embedded");
         assert_eq!((p.hidden_size, origin), (16, VisionOrigin::Embedded));
-        assert_eq!(p.intermediate_size, 3072, "missing keys take SiglipVisionConfig defaults");
+        assert_eq!(
+            p.intermediate_size, 3072,
+            "missing keys take SiglipVisionConfig defaults"
+        );
 
         let cfg = model_cfg(r#"{"mm_vision_tower": "../siglip"}"#);
         let (p, origin) = resolve_siglip(&model, &cfg, "config.json", None).expect("local");
-        assert_eq!((p.hidden_size, origin), (32, VisionOrigin::LocalTower(model.join("../siglip"))));
+        assert_eq!(
+            (p.hidden_size, origin),
+            (32, VisionOrigin::LocalTower(model.join("../siglip")))
+        );
 
         let abs = format!(r#"{{"mm_vision_tower": "{}"}}"#, tower.display());
-        let (p, origin) = resolve_siglip(&model, &model_cfg(&abs), "config.json", None).expect("absolute");
-        assert_eq!((p.hidden_size, origin), (32, VisionOrigin::LocalTower(tower.clone())));
+        let (p, origin) =
+            resolve_siglip(&model, &model_cfg(&abs), "config.json", None).expect("absolute");
+        assert_eq!(
+            (p.hidden_size, origin),
+            (32, VisionOrigin::LocalTower(tower.clone()))
+        );
 
         let cfg = model_cfg(r#"{"mm_vision_tower": "google/siglip-so400m-patch14-384"}"#);
         let (p, origin) = resolve_siglip(&model, &cfg, "config.json", None).expect("table");
         assert_eq!(p.hidden_size, 1152);
-        assert_eq!(origin, VisionOrigin::Table("google/siglip-so400m-patch14-384".into()));
+        assert_eq!(
+            origin,
+            VisionOrigin::Table("google/siglip-so400m-patch14-384".into())
+        );
         assert_eq!(origin.directory(), None);
 
         let cfg = model_cfg(r#"{"mm_vision_tower": "someone/unknown-siglip"}"#);
-        let err = resolve_siglip(&model, &cfg, "config.json", None).expect_err("unknown").to_string();
-        assert!(err.contains("mm_vision_tower `someone/unknown-siglip`"), "{err}");
+        let err = resolve_siglip(&model, &cfg, "config.json", None)
+            .expect_err("unknown")
+            .to_string();
+        assert!(
+            err.contains("mm_vision_tower `someone/unknown-siglip`"),
+            "{err}"
+        );
         assert!(err.contains("--vision-tower"), "{err}");
     }
 
@@ -231,7 +279,8 @@ mod tests {
     fn flag_without_config_is_an_error() {
         let tmp = tempfile::tempdir().expect("tmp");
         let cfg = model_cfg("{}");
-        let err = resolve_siglip(tmp.path(), &cfg, "config.json", Some(tmp.path())).expect_err("no config");
+        let err = resolve_siglip(tmp.path(), &cfg, "config.json", Some(tmp.path()))
+            .expect_err("no config");
         assert!(err.to_string().contains("no config.json"), "{err}");
     }
 }

@@ -9,11 +9,17 @@ use carrot_graphs::config::TextConfig;
 use carrot_graphs::weights::{Tensor, WeightError, WeightSource};
 
 use crate::checkpoint::{Checkpoint, CheckpointError};
-use crate::hf_config::{ConfigError, GenerationDefaults, HfGenerationConfig, HfModelConfig, read_json, resolve_text_config};
-use crate::mm_config::{ModelKind, resolve_mm_keys, resolve_multimodal};
+use crate::hf_config::{
+    ConfigError, GenerationDefaults, HfGenerationConfig, HfModelConfig, read_json,
+    resolve_text_config,
+};
 use crate::lora::{HfAdapterConfig, LoraAdapter, LoraError};
+use crate::mm_config::{ModelKind, resolve_mm_keys, resolve_multimodal};
 use crate::siglip_table::{VisionOrigin, resolve_siglip};
-use crate::weight_names::{bunny_non_lora_names, canonical_of_merged, merged_keys, projector_tensors, text_tensors, vision_tensors};
+use crate::weight_names::{
+    bunny_non_lora_names, canonical_of_merged, merged_keys, projector_tensors, text_tensors,
+    vision_tensors,
+};
 
 /// Why a model directory cannot be exported; messages name the directory, file or tensor.
 #[derive(thiserror::Error, Debug)]
@@ -28,12 +34,31 @@ pub enum ExportError {
     Layout(String),
     #[error("tensor `{name}` not found (looked for {looked})")]
     MissingTensor { name: String, looked: String },
-    #[error("{file}: tensor `{key}` has shape {actual:?}, expected {expected:?} for `{name}`")]
-    Shape { file: PathBuf, key: String, name: String, expected: Vec<usize>, actual: Vec<usize> },
+    #[error("{file}: tensor `{key}` has shape {actual:?}, expected {expected:?}{}", canonical_note(.key, .name))]
+    Shape {
+        file: PathBuf,
+        key: String,
+        name: String,
+        expected: Vec<usize>,
+        actual: Vec<usize>,
+    },
+}
+
+fn canonical_note(key: &str, name: &str) -> String {
+    if key == name {
+        String::new()
+    } else {
+        format!(" (read as `{name}`)")
+    }
 }
 
 /// Files copied next to the graphs when present (model directory first, then the base).
-pub const SUPPORT_FILES: &[&str] = &["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"];
+pub const SUPPORT_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "generation_config.json",
+];
 
 /// How the weights were laid out on disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,7 +98,11 @@ struct Store {
 
 impl Store {
     fn new(role: &'static str, checkpoint: Checkpoint) -> Self {
-        Store { role, checkpoint, renames: None }
+        Store {
+            role,
+            checkpoint,
+            renames: None,
+        }
     }
 
     fn stored_key(&self, key: &str) -> Option<String> {
@@ -106,7 +135,11 @@ pub struct ModelWeights {
 
 impl ModelWeights {
     fn locate(&self, name: &str) -> Option<Location> {
-        let canonical = if self.tied && name == "lm_head.weight" { "model.embed_tokens.weight" } else { name };
+        let canonical = if self.tied && name == "lm_head.weight" {
+            "model.embed_tokens.weight"
+        } else {
+            name
+        };
         for key in merged_keys(canonical) {
             for &store in &self.merged_order {
                 if let Some(stored) = self.stores[store].stored_key(&key) {
@@ -124,24 +157,42 @@ impl ModelWeights {
     }
 
     fn looked_for(&self, name: &str) -> String {
-        let canonical = if self.tied && name == "lm_head.weight" { "model.embed_tokens.weight" } else { name };
+        let canonical = if self.tied && name == "lm_head.weight" {
+            "model.embed_tokens.weight"
+        } else {
+            name
+        };
         let mut places = Vec::new();
         for key in merged_keys(canonical) {
             for &store in &self.merged_order {
-                places.push(format!("`{key}` in {}", self.stores[store].checkpoint.label().display()));
+                places.push(format!(
+                    "`{key}` in {}",
+                    self.stores[store].checkpoint.label().display()
+                ));
             }
         }
         if canonical.starts_with("vision_model.")
             && let Some(store) = self.siglip
         {
-            places.push(format!("`{canonical}` in {}", self.stores[store].checkpoint.label().display()));
+            places.push(format!(
+                "`{canonical}` in {}",
+                self.stores[store].checkpoint.label().display()
+            ));
         }
-        if places.is_empty() { "no weight files".to_string() } else { places.join(", ") }
+        if places.is_empty() {
+            "no weight files".to_string()
+        } else {
+            places.join(", ")
+        }
     }
 
     fn stored_shape(&self, name: &str) -> Option<Vec<usize>> {
         let loc = self.locate(name)?;
-        self.stores[loc.store].checkpoint.info(&loc.key).ok().map(|i| i.shape.clone())
+        self.stores[loc.store]
+            .checkpoint
+            .info(&loc.key)
+            .ok()
+            .map(|i| i.shape.clone())
     }
 
     /// Checks that every expected tensor exists with the expected shape, and that every adapter
@@ -150,12 +201,18 @@ impl ModelWeights {
         for (name, expected) in &self.expected {
             let loc = self
                 .locate(name)
-                .ok_or_else(|| ExportError::MissingTensor { name: name.clone(), looked: self.looked_for(name) })?;
+                .ok_or_else(|| ExportError::MissingTensor {
+                    name: name.clone(),
+                    looked: self.looked_for(name),
+                })?;
             let checkpoint = &self.stores[loc.store].checkpoint;
             let info = checkpoint.info(&loc.key)?;
             if &info.shape != expected {
                 return Err(ExportError::Shape {
-                    file: checkpoint.file_of(&loc.key).unwrap_or(checkpoint.label()).to_path_buf(),
+                    file: checkpoint
+                        .file_of(&loc.key)
+                        .unwrap_or(checkpoint.label())
+                        .to_path_buf(),
                     key: loc.key.clone(),
                     name: name.clone(),
                     expected: expected.clone(),
@@ -166,7 +223,10 @@ impl ModelWeights {
         for adapter in &self.adapters {
             adapter.check_targets(|module_key| {
                 let canonical = canonical_of_merged(module_key);
-                self.expected.get(&canonical).cloned().or_else(|| self.stored_shape(&canonical))
+                self.expected
+                    .get(&canonical)
+                    .cloned()
+                    .or_else(|| self.stored_shape(&canonical))
             })?;
         }
         Ok(())
@@ -178,7 +238,13 @@ impl ModelWeights {
             .expected
             .keys()
             .filter_map(|name| self.locate(name))
-            .filter_map(|loc| self.stores[loc.store].checkpoint.info(&loc.key).ok().map(|i| i.byte_len()))
+            .filter_map(|loc| {
+                self.stores[loc.store]
+                    .checkpoint
+                    .info(&loc.key)
+                    .ok()
+                    .map(|i| i.byte_len())
+            })
             .sum();
         let adapters: usize = self.adapters.iter().map(LoraAdapter::bytes_total).sum();
         (tensors + adapters) as u64
@@ -205,7 +271,10 @@ impl ModelWeights {
     fn load(&mut self, name: &str) -> Result<Tensor, ExportError> {
         let loc = self
             .locate(name)
-            .ok_or_else(|| ExportError::MissingTensor { name: name.to_string(), looked: self.looked_for(name) })?;
+            .ok_or_else(|| ExportError::MissingTensor {
+                name: name.to_string(),
+                looked: self.looked_for(name),
+            })?;
         let checkpoint = &mut self.stores[loc.store].checkpoint;
         let byte_len = checkpoint.info(&loc.key).map(|i| i.byte_len()).unwrap_or(0);
         let (shape, mut data) = checkpoint.load_f32(&loc.key)?;
@@ -213,7 +282,10 @@ impl ModelWeights {
             && &shape != expected
         {
             return Err(ExportError::Shape {
-                file: checkpoint.file_of(&loc.key).unwrap_or(checkpoint.label()).to_path_buf(),
+                file: checkpoint
+                    .file_of(&loc.key)
+                    .unwrap_or(checkpoint.label())
+                    .to_path_buf(),
                 key: loc.key,
                 name: name.to_string(),
                 expected: expected.clone(),
@@ -265,10 +337,17 @@ pub fn open(
     vision_tower: Option<&Path>,
 ) -> Result<ResolvedModel, ExportError> {
     if !model_dir.is_dir() {
-        return Err(ExportError::Layout(format!("{}: not a directory", model_dir.display())));
+        return Err(ExportError::Layout(format!(
+            "{}: not a directory",
+            model_dir.display()
+        )));
     }
     let is_lora_dir = model_dir.join("adapter_config.json").is_file();
-    let base_dir = if is_lora_dir { Some(lora_base(model_dir, base)?) } else { None };
+    let base_dir = if is_lora_dir {
+        Some(lora_base(model_dir, base)?)
+    } else {
+        None
+    };
     if !is_lora_dir && let Some(base) = base {
         return Err(ExportError::Layout(format!(
             "--base {} was given, but {} is not a LoRA output directory (it has no adapter_config.json)",
@@ -313,7 +392,11 @@ pub fn open(
             let checkpoint = Checkpoint::open_files(&nlt, std::slice::from_ref(&nlt))?;
             let renames = bunny_non_lora_names(checkpoint.keys());
             merged_order.push(stores.len());
-            stores.push(Store { role: "non_lora_trainables", checkpoint, renames: Some(renames) });
+            stores.push(Store {
+                role: "non_lora_trainables",
+                checkpoint,
+                renames: Some(renames),
+            });
         }
         if Checkpoint::dir_has_weights(model_dir) {
             merged_order.push(stores.len());
@@ -328,8 +411,17 @@ pub fn open(
     let llm_store = *merged_order.last().unwrap_or(&0);
     let source_dtype = stores
         .get(llm_store)
-        .and_then(|s| s.checkpoint.info("model.embed_tokens.weight").ok().map(|i| i.dtype.clone()))
-        .or_else(|| stores.get(llm_store).and_then(|s| s.checkpoint.dominant_dtype()))
+        .and_then(|s| {
+            s.checkpoint
+                .info("model.embed_tokens.weight")
+                .ok()
+                .map(|i| i.dtype.clone())
+        })
+        .or_else(|| {
+            stores
+                .get(llm_store)
+                .and_then(|s| s.checkpoint.dominant_dtype())
+        })
         .map(|d| d.name().to_string())
         .unwrap_or_else(|| "float32".to_string());
 
@@ -339,8 +431,11 @@ pub fn open(
         expected.extend(vision_tensors(&mm.vision));
         expected.extend(projector_tensors(&mm.projector));
         let probe = "vision_model.embeddings.patch_embedding.weight";
-        let in_checkpoint =
-            merged_keys(probe).iter().any(|k| merged_order.iter().any(|&s| stores[s].stored_key(k).is_some()));
+        let in_checkpoint = merged_keys(probe).iter().any(|k| {
+            merged_order
+                .iter()
+                .any(|&s| stores[s].stored_key(k).is_some())
+        });
         if !in_checkpoint {
             let Some(dir) = vision_origin.as_ref().and_then(VisionOrigin::directory) else {
                 let named = cfg.mm_vision_tower.as_deref().unwrap_or("(none)");
@@ -360,7 +455,10 @@ pub fn open(
         adapter_dirs.push(model_dir.to_path_buf());
     }
     adapter_dirs.extend(loras.iter().cloned());
-    let adapters = adapter_dirs.iter().map(|d| LoraAdapter::open(d)).collect::<Result<Vec<_>, _>>()?;
+    let adapters = adapter_dirs
+        .iter()
+        .map(|d| LoraAdapter::open(d))
+        .collect::<Result<Vec<_>, _>>()?;
 
     let weights = ModelWeights {
         stores,
@@ -378,7 +476,10 @@ pub fn open(
         dirs.push(base);
     }
     let support_files = find_support_files(&dirs);
-    let generation_config = match support_files.iter().find(|p| p.ends_with("generation_config.json")) {
+    let generation_config = match support_files
+        .iter()
+        .find(|p| p.ends_with("generation_config.json"))
+    {
         Some(path) => Some(read_json::<HfGenerationConfig>(path)?),
         None => None,
     };
@@ -405,7 +506,10 @@ pub fn open(
 fn lora_base(model_dir: &Path, base: Option<&Path>) -> Result<PathBuf, ExportError> {
     if let Some(base) = base {
         if !base.is_dir() {
-            return Err(ExportError::Layout(format!("--base {}: not a directory", base.display())));
+            return Err(ExportError::Layout(format!(
+                "--base {}: not a directory",
+                base.display()
+            )));
         }
         return Ok(base.to_path_buf());
     }
@@ -413,7 +517,11 @@ fn lora_base(model_dir: &Path, base: Option<&Path>) -> Result<PathBuf, ExportErr
     let raw: HfAdapterConfig = read_json(&config_path)?;
     if let Some(named) = raw.base_model_name_or_path.as_deref() {
         let path = Path::new(named);
-        let candidate = if path.is_absolute() { path.to_path_buf() } else { model_dir.join(path) };
+        let candidate = if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            model_dir.join(path)
+        };
         if candidate.is_dir() && Checkpoint::dir_has_weights(&candidate) {
             return Ok(candidate);
         }
@@ -421,6 +529,8 @@ fn lora_base(model_dir: &Path, base: Option<&Path>) -> Result<PathBuf, ExportErr
     Err(ExportError::Layout(format!(
         "{} is a LoRA adapter directory (adapter_config.json); pass --base DIR with the base model it was trained on{}",
         model_dir.display(),
-        raw.base_model_name_or_path.map(|n| format!(" (`{n}`)")).unwrap_or_default()
+        raw.base_model_name_or_path
+            .map(|n| format!(" (`{n}`)"))
+            .unwrap_or_default()
     )))
 }

@@ -20,18 +20,32 @@ pub fn text_tensors(cfg: &TextConfig) -> Vec<(String, Vec<usize>)> {
     let q = cfg.num_attention_heads * cfg.head_dim;
     let kv = cfg.num_kv_heads * cfg.head_dim;
     let i = cfg.intermediate_size;
-    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![cfg.vocab_size, h])];
+    let mut out = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![cfg.vocab_size, h],
+    )];
     for layer in 0..cfg.num_layers {
         let attn = format!("model.layers.{layer}.self_attn");
         let mlp = format!("model.layers.{layer}.mlp");
-        out.push((format!("model.layers.{layer}.input_layernorm.weight"), vec![h]));
-        for (name, rows, cols) in [("q_proj", q, h), ("k_proj", kv, h), ("v_proj", kv, h), ("o_proj", h, q)] {
+        out.push((
+            format!("model.layers.{layer}.input_layernorm.weight"),
+            vec![h],
+        ));
+        for (name, rows, cols) in [
+            ("q_proj", q, h),
+            ("k_proj", kv, h),
+            ("v_proj", kv, h),
+            ("o_proj", h, q),
+        ] {
             out.push((format!("{attn}.{name}.weight"), vec![rows, cols]));
             if cfg.attention_bias {
                 out.push((format!("{attn}.{name}.bias"), vec![rows]));
             }
         }
-        out.push((format!("model.layers.{layer}.post_attention_layernorm.weight"), vec![h]));
+        out.push((
+            format!("model.layers.{layer}.post_attention_layernorm.weight"),
+            vec![h],
+        ));
         for (name, rows, cols) in [("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)] {
             out.push((format!("{mlp}.{name}.weight"), vec![rows, cols]));
             if cfg.mlp_bias {
@@ -49,9 +63,18 @@ pub fn vision_tensors(cfg: &VisionConfig) -> Vec<(String, Vec<usize>)> {
     let h = cfg.hidden_size;
     let p = cfg.patch_size;
     let mut out = vec![
-        ("vision_model.embeddings.patch_embedding.weight".to_string(), vec![h, cfg.num_channels, p, p]),
-        ("vision_model.embeddings.patch_embedding.bias".to_string(), vec![h]),
-        ("vision_model.embeddings.position_embedding.weight".to_string(), vec![cfg.num_image_tokens(), h]),
+        (
+            "vision_model.embeddings.patch_embedding.weight".to_string(),
+            vec![h, cfg.num_channels, p, p],
+        ),
+        (
+            "vision_model.embeddings.patch_embedding.bias".to_string(),
+            vec![h],
+        ),
+        (
+            "vision_model.embeddings.position_embedding.weight".to_string(),
+            vec![cfg.num_image_tokens(), h],
+        ),
     ];
     for layer in 0..cfg.layers_used {
         let key = format!("vision_model.encoder.layers.{layer}");
@@ -63,9 +86,15 @@ pub fn vision_tensors(cfg: &VisionConfig) -> Vec<(String, Vec<usize>)> {
             out.push((format!("{key}.self_attn.{proj}.weight"), vec![h, h]));
             out.push((format!("{key}.self_attn.{proj}.bias"), vec![h]));
         }
-        out.push((format!("{key}.mlp.fc1.weight"), vec![cfg.intermediate_size, h]));
+        out.push((
+            format!("{key}.mlp.fc1.weight"),
+            vec![cfg.intermediate_size, h],
+        ));
         out.push((format!("{key}.mlp.fc1.bias"), vec![cfg.intermediate_size]));
-        out.push((format!("{key}.mlp.fc2.weight"), vec![h, cfg.intermediate_size]));
+        out.push((
+            format!("{key}.mlp.fc2.weight"),
+            vec![h, cfg.intermediate_size],
+        ));
         out.push((format!("{key}.mlp.fc2.bias"), vec![h]));
     }
     out
@@ -75,9 +104,19 @@ pub fn vision_tensors(cfg: &VisionConfig) -> Vec<(String, Vec<usize>)> {
 pub fn projector_tensors(cfg: &ProjectorConfig) -> Vec<(String, Vec<usize>)> {
     let mut out = Vec::new();
     for j in 0..cfg.depth {
-        let input = if j == 0 { cfg.in_features } else { cfg.out_features };
-        out.push((format!("mm_projector.{}.weight", 2 * j), vec![cfg.out_features, input]));
-        out.push((format!("mm_projector.{}.bias", 2 * j), vec![cfg.out_features]));
+        let input = if j == 0 {
+            cfg.in_features
+        } else {
+            cfg.out_features
+        };
+        out.push((
+            format!("mm_projector.{}.weight", 2 * j),
+            vec![cfg.out_features, input],
+        ));
+        out.push((
+            format!("mm_projector.{}.bias", 2 * j),
+            vec![cfg.out_features],
+        ));
     }
     out
 }
@@ -118,13 +157,22 @@ pub fn canonical_of_merged(key: &str) -> String {
 /// Returns (renamed key → stored key).
 pub fn bunny_non_lora_names<'a>(keys: impl Iterator<Item = &'a str>) -> HashMap<String, String> {
     let stripped: Vec<(String, String)> = keys
-        .map(|k| (k.strip_prefix("base_model.").unwrap_or(k).to_string(), k.to_string()))
+        .map(|k| {
+            (
+                k.strip_prefix("base_model.").unwrap_or(k).to_string(),
+                k.to_string(),
+            )
+        })
         .collect();
     let nested = stripped.iter().any(|(k, _)| k.starts_with("model.model."));
     stripped
         .into_iter()
         .map(|(k, original)| {
-            let renamed = if nested { k.strip_prefix("model.").map(str::to_string).unwrap_or(k) } else { k };
+            let renamed = if nested {
+                k.strip_prefix("model.").map(str::to_string).unwrap_or(k)
+            } else {
+                k
+            };
             (renamed, original)
         })
         .collect()
@@ -137,22 +185,45 @@ mod tests {
 
     #[test]
     fn projector_names_skip_the_gelus() {
-        let cfg = ProjectorConfig { depth: 2, in_features: 8, out_features: 16 };
-        let names: Vec<_> = projector_tensors(&cfg).into_iter().map(|(n, s)| format!("{n}{s:?}")).collect();
+        let cfg = ProjectorConfig {
+            depth: 2,
+            in_features: 8,
+            out_features: 16,
+        };
+        let names: Vec<_> = projector_tensors(&cfg)
+            .into_iter()
+            .map(|(n, s)| format!("{n}{s:?}"))
+            .collect();
         assert_eq!(
             names,
-            ["mm_projector.0.weight[16, 8]", "mm_projector.0.bias[16]", "mm_projector.2.weight[16, 16]", "mm_projector.2.bias[16]"]
+            [
+                "mm_projector.0.weight[16, 8]",
+                "mm_projector.0.bias[16]",
+                "mm_projector.2.weight[16, 16]",
+                "mm_projector.2.bias[16]"
+            ]
         );
     }
 
     #[test]
     fn merged_mapping_round_trips() {
-        for canonical in ["vision_model.encoder.layers.3.mlp.fc1.bias", "mm_projector.2.weight", "model.norm.weight", "lm_head.weight"] {
+        for canonical in [
+            "vision_model.encoder.layers.3.mlp.fc1.bias",
+            "mm_projector.2.weight",
+            "model.norm.weight",
+            "lm_head.weight",
+        ] {
             let keys = merged_keys(canonical);
             assert_eq!(canonical_of_merged(&keys[0]), canonical);
         }
-        assert_eq!(merged_keys("mm_projector.0.bias"), ["model.mm_projector.0.bias", "model.mm_projector.bias"]);
-        assert_eq!(canonical_of_merged("model.mm_projector.weight"), "mm_projector.0.weight");
+        assert_eq!(
+            merged_keys("mm_projector.0.bias"),
+            ["model.mm_projector.0.bias", "model.mm_projector.bias"]
+        );
+        assert_eq!(
+            canonical_of_merged("model.mm_projector.weight"),
+            "mm_projector.0.weight"
+        );
         assert_eq!(
             merged_keys("vision_model.embeddings.patch_embedding.weight"),
             ["model.vision_tower.vision_tower.vision_model.embeddings.patch_embedding.weight"]
@@ -161,10 +232,19 @@ mod tests {
 
     #[test]
     fn non_lora_trainables_are_renamed_as_bunny_does() {
-        let keys = ["base_model.model.model.mm_projector.0.weight", "base_model.model.model.mm_projector.2.bias"];
+        let keys = [
+            "base_model.model.model.mm_projector.0.weight",
+            "base_model.model.model.mm_projector.2.bias",
+        ];
         let names = bunny_non_lora_names(keys.iter().copied());
-        assert_eq!(names.get("model.mm_projector.0.weight").map(String::as_str), Some(keys[0]));
-        assert_eq!(names.get("model.mm_projector.2.bias").map(String::as_str), Some(keys[1]));
+        assert_eq!(
+            names.get("model.mm_projector.0.weight").map(String::as_str),
+            Some(keys[0])
+        );
+        assert_eq!(
+            names.get("model.mm_projector.2.bias").map(String::as_str),
+            Some(keys[1])
+        );
         // Without a `model.model.` key only `base_model.` is dropped.
         let names = bunny_non_lora_names(["base_model.model.mm_projector.0.weight"].into_iter());
         assert!(names.contains_key("model.mm_projector.0.weight"));
@@ -181,7 +261,10 @@ mod tests {
             head_dim: 4,
             vocab_size: 10,
             rms_norm_eps: 1e-5,
-            rope: RopeConfig { theta: 1e4, llama3: None },
+            rope: RopeConfig {
+                theta: 1e4,
+                llama3: None,
+            },
             max_position_embeddings: 32,
             tie_word_embeddings: false,
             attention_bias: true,
@@ -205,7 +288,13 @@ mod tests {
         };
         let v = vision_tensors(&vision);
         assert_eq!(v.len(), 3 + 2 * 16);
-        assert!(v.contains(&("vision_model.embeddings.position_embedding.weight".into(), vec![4, 8])));
-        assert!(!v.iter().any(|(n, _)| n.starts_with("vision_model.encoder.layers.2.")));
+        assert!(v.contains(&(
+            "vision_model.embeddings.position_embedding.weight".into(),
+            vec![4, 8]
+        )));
+        assert!(
+            !v.iter()
+                .any(|(n, _)| n.starts_with("vision_model.encoder.layers.2."))
+        );
     }
 }

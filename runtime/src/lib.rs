@@ -9,3 +9,4 @@ pub mod engine;
 pub mod providers;
 pub mod pipeline;
 pub mod demo;
+pub mod serve;

@@ -27,6 +27,13 @@ enum Command {
     Chat(ChatArgs),
     /// Export the shipped fixture model, answer a question about a photo, check against the reference.
     Demo(RuntimeArgs),
+    /// Serve the OpenAI chat-completions API (POST /v1/chat/completions, GET /health).
+    Serve {
+        #[command(flatten)]
+        serve: carrot_runtime::serve::ServeArgs,
+        #[command(flatten)]
+        runtime: RuntimeArgs,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -124,6 +131,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate(args),
         Command::Chat(args) => chat(args),
         Command::Demo(args) => carrot_runtime::demo::run(&args.load_options()).map(|_| ()),
+        Command::Serve { serve, runtime } => carrot_runtime::serve::run(&serve, &runtime.load_options()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -111,7 +111,13 @@ mod preprocess {
         let out = resize_bicubic(&grey_rows(&[&[0, 200, 40], &[255, 10, 90]]), 2, 5);
         assert_eq!(
             grey_values(&out),
-            vec![vec![67, 109], vec![82, 101], vec![121, 78], vec![160, 55], vec![175, 47]]
+            vec![
+                vec![67, 109],
+                vec![82, 101],
+                vec![121, 78],
+                vec![160, 55],
+                vec![175, 47]
+            ]
         );
     }
 
@@ -138,7 +144,11 @@ mod preprocess {
         assert_eq!(sq.dimensions(), (5, 5));
         for y in 0..5 {
             for x in 0..5 {
-                let want = if (1..3).contains(&y) { [1, 2, 3] } else { [127; 3] };
+                let want = if (1..3).contains(&y) {
+                    [1, 2, 3]
+                } else {
+                    [127; 3]
+                };
                 assert_eq!(sq.get_pixel(x, y).0, want, "({x},{y})");
             }
         }
@@ -187,9 +197,16 @@ mod preprocess {
     #[test]
     fn preprocess_layout_is_channels_first() {
         let img = RgbImage::from_fn(2, 2, |x, y| {
-            if (x, y) == (1, 0) { Rgb([255, 0, 127]) } else { Rgb([0, 255, 255]) }
+            if (x, y) == (1, 0) {
+                Rgb([255, 0, 127])
+            } else {
+                Rgb([0, 255, 255])
+            }
         });
-        let cfg = PreprocessConfig { pad: false, ..PreprocessConfig::siglip(2) };
+        let cfg = PreprocessConfig {
+            pad: false,
+            ..PreprocessConfig::siglip(2)
+        };
         let v = preprocess(&img, &cfg);
         assert_eq!(v.len(), 12);
         assert_eq!(&v[0..4], &[-1.0, 1.0, -1.0, -1.0]);
@@ -199,9 +216,7 @@ mod preprocess {
 
     // ---------------------------------------------------------------- decoding
 
-    fn encode_png<P: image::PixelWithColorType>(
-        img: &ImageBuffer<P, Vec<P::Subpixel>>,
-    ) -> Vec<u8>
+    fn encode_png<P: image::PixelWithColorType>(img: &ImageBuffer<P, Vec<P::Subpixel>>) -> Vec<u8>
     where
         [P::Subpixel]: image::EncodableLayout,
     {
@@ -212,7 +227,7 @@ mod preprocess {
                 img.as_raw().as_bytes(),
                 img.width(),
                 img.height(),
-                P::COLOR_TYPE.into(),
+                P::COLOR_TYPE,
             )
             .expect("encode png");
         buf
@@ -225,29 +240,48 @@ mod preprocess {
     #[test]
     fn decode_drops_alpha_without_compositing() {
         let rgba: ImageBuffer<Rgba<u8>, _> =
-            ImageBuffer::from_vec(2, 1, vec![200u8, 100, 50, 0, 1, 2, 3, 128]).unwrap();
-        assert_eq!(decode(&encode_png(&rgba)).into_raw(), vec![200, 100, 50, 1, 2, 3]);
-        let la: ImageBuffer<LumaA<u8>, _> = ImageBuffer::from_vec(1, 1, vec![77u8, 3]).unwrap();
+            ImageBuffer::from_vec(2, 1, vec![200u8, 100, 50, 0, 1, 2, 3, 128])
+                .expect("buffer size");
+        assert_eq!(
+            decode(&encode_png(&rgba)).into_raw(),
+            vec![200, 100, 50, 1, 2, 3]
+        );
+        let la: ImageBuffer<LumaA<u8>, _> =
+            ImageBuffer::from_vec(1, 1, vec![77u8, 3]).expect("buffer size");
         assert_eq!(decode(&encode_png(&la)).into_raw(), vec![77, 77, 77]);
     }
 
     #[test]
     fn decode_sixteen_bit_like_pillow() {
         // Colour and grey+alpha keep the high byte.
-        let rgb16: ImageBuffer<Rgb<u16>, _> =
-            ImageBuffer::from_vec(2, 1, vec![0x1234u16, 0xff80, 0x00ff, 0x8000, 0x7fff, 0xffff])
-                .unwrap();
-        assert_eq!(decode(&encode_png(&rgb16)).into_raw(), vec![0x12, 0xff, 0, 0x80, 0x7f, 0xff]);
+        let rgb16: ImageBuffer<Rgb<u16>, _> = ImageBuffer::from_vec(
+            2,
+            1,
+            vec![0x1234u16, 0xff80, 0x00ff, 0x8000, 0x7fff, 0xffff],
+        )
+        .expect("buffer size");
+        assert_eq!(
+            decode(&encode_png(&rgb16)).into_raw(),
+            vec![0x12, 0xff, 0, 0x80, 0x7f, 0xff]
+        );
         let rgba16: ImageBuffer<Rgba<u16>, _> =
-            ImageBuffer::from_vec(1, 1, vec![0x1234u16, 0xff80, 0x00ff, 0]).unwrap();
+            ImageBuffer::from_vec(1, 1, vec![0x1234u16, 0xff80, 0x00ff, 0]).expect("buffer size");
         assert_eq!(decode(&encode_png(&rgba16)).into_raw(), vec![0x12, 0xff, 0]);
         let la16: ImageBuffer<LumaA<u16>, _> =
-            ImageBuffer::from_vec(2, 1, vec![0x12ffu16, 0, 0x80ff, 0xffff]).unwrap();
-        assert_eq!(decode(&encode_png(&la16)).into_raw(), vec![0x12, 0x12, 0x12, 0x80, 0x80, 0x80]);
+            ImageBuffer::from_vec(2, 1, vec![0x12ffu16, 0, 0x80ff, 0xffff]).expect("buffer size");
+        assert_eq!(
+            decode(&encode_png(&la16)).into_raw(),
+            vec![0x12, 0x12, 0x12, 0x80, 0x80, 0x80]
+        );
         // Plain 16-bit grey is Pillow mode I;16, which clamps to 255 instead of scaling.
         let l16: ImageBuffer<Luma<u16>, _> =
-            ImageBuffer::from_vec(6, 1, vec![0u16, 100, 255, 256, 1000, 65535]).unwrap();
-        let grey: Vec<u8> = decode(&encode_png(&l16)).into_raw().into_iter().step_by(3).collect();
+            ImageBuffer::from_vec(6, 1, vec![0u16, 100, 255, 256, 1000, 65535])
+                .expect("buffer size");
+        let grey: Vec<u8> = decode(&encode_png(&l16))
+            .into_raw()
+            .into_iter()
+            .step_by(3)
+            .collect();
         assert_eq!(grey, vec![0, 100, 255, 255, 255, 255]);
     }
 
@@ -284,10 +318,22 @@ mod preprocess {
             &[0, 1, 2],
         );
         assert_eq!(decode(&p).into_raw(), plte.to_vec());
-        let g2 = encode_raw_png(4, png::ColorType::Grayscale, png::BitDepth::Two, None, &[0b0001_1011]);
+        let g2 = encode_raw_png(
+            4,
+            png::ColorType::Grayscale,
+            png::BitDepth::Two,
+            None,
+            &[0b0001_1011],
+        );
         let grey: Vec<u8> = decode(&g2).into_raw().into_iter().step_by(3).collect();
         assert_eq!(grey, vec![0, 85, 170, 255]);
-        let g1 = encode_raw_png(8, png::ColorType::Grayscale, png::BitDepth::One, None, &[0b1011_0000]);
+        let g1 = encode_raw_png(
+            8,
+            png::ColorType::Grayscale,
+            png::BitDepth::One,
+            None,
+            &[0b1011_0000],
+        );
         let grey: Vec<u8> = decode(&g1).into_raw().into_iter().step_by(3).collect();
         assert_eq!(grey, vec![255, 0, 255, 255, 0, 0, 0, 0]);
     }
@@ -310,8 +356,11 @@ mod preprocess {
             let mut enc = png::Encoder::new(&mut buf, 100_000, 100_000);
             enc.set_color(png::ColorType::Rgb);
             let mut w = enc.write_header().expect("header");
-            w.write_chunk(png::chunk::IDAT, &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01])
-                .expect("idat");
+            w.write_chunk(
+                png::chunk::IDAT,
+                &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
+            )
+            .expect("idat");
         }
         match decode_image(&buf, "huge.png", DEFAULT_MAX_PIXELS) {
             Err(e @ PreprocessError::TooLarge { .. }) => {
@@ -326,7 +375,12 @@ mod preprocess {
         assert!(decode_image(&small, "small", 400).is_ok());
         assert!(matches!(
             decode_image(&small, "small", 399),
-            Err(PreprocessError::TooLarge { width: 20, height: 20, max_pixels: 399, .. })
+            Err(PreprocessError::TooLarge {
+                width: 20,
+                height: 20,
+                max_pixels: 399,
+                ..
+            })
         ));
     }
 
@@ -371,7 +425,12 @@ mod preprocess {
     fn agreement(ours: &[f32], golden: &[f32], cfg: &PreprocessConfig) -> Agreement {
         assert_eq!(ours.len(), golden.len());
         let plane = ours.len() / 3;
-        let mut a = Agreement { max_levels: 0.0, bit_equal: 0, level_equal: 0, total: ours.len() };
+        let mut a = Agreement {
+            max_levels: 0.0,
+            bit_equal: 0,
+            level_equal: 0,
+            total: ours.len(),
+        };
         for (i, (&o, &g)) in ours.iter().zip(golden).enumerate() {
             let level = cfg.std[i / plane] / cfg.rescale;
             let d = (o - g).abs() * level;
@@ -383,10 +442,15 @@ mod preprocess {
     }
 
     fn read_f32_tensor(st: &safetensors::SafeTensors<'_>, name: &str, size: usize) -> Vec<f32> {
-        let t = st.tensor(name).unwrap_or_else(|e| panic!("tensor {name}: {e}"));
+        let t = st
+            .tensor(name)
+            .unwrap_or_else(|e| panic!("tensor {name}: {e}"));
         assert_eq!(t.dtype(), safetensors::Dtype::F32, "{name}");
         assert_eq!(t.shape(), &[3, size, size], "{name}");
-        t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+        t.data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()
     }
 
     #[test]
@@ -414,9 +478,12 @@ mod preprocess {
         let mut failures = Vec::new();
         for (name, photo, size, pad) in cases {
             let path = root.join(format!("fixtures/images/{photo}.png"));
-            let img = load_image(&path, DEFAULT_MAX_PIXELS)
-                .unwrap_or_else(|e| panic!("{name}: {e}"));
-            let cfg = PreprocessConfig { pad, ..PreprocessConfig::siglip(size) };
+            let img =
+                load_image(&path, DEFAULT_MAX_PIXELS).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let cfg = PreprocessConfig {
+                pad,
+                ..PreprocessConfig::siglip(size)
+            };
             let ours = preprocess(&img, &cfg);
             let golden = read_f32_tensor(&st, name, size);
             let a = agreement(&ours, &golden, &cfg);
@@ -445,9 +512,13 @@ mod preprocess {
         use sha2::Digest;
         let root = workspace_root();
         let photo = root.join("fixtures/images/chelsea.png");
-        let reference = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/chelsea_q90.pillow60.png");
+        let reference =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/chelsea_q90.pillow60.png");
         if !photo.exists() {
-            eprintln!("SKIPPED jpeg_input_matches_pillow_decode_closely: {} missing", photo.display());
+            eprintln!(
+                "SKIPPED jpeg_input_matches_pillow_decode_closely: {} missing",
+                photo.display()
+            );
             return;
         }
         let img = load_image(&photo, DEFAULT_MAX_PIXELS).expect("load chelsea");

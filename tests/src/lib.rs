@@ -15,31 +15,11 @@ pub fn workspace_root() -> PathBuf {
 /// Loads ONNX Runtime once per test process and returns its environment (every `ort` session
 /// is built from one: `Session::builder(init_ort()?)`).
 ///
-/// The library is `$CARROT_ORT_LIB`, else `.cache/onnxruntime/1.31.1/libonnxruntime.so.1.31.1`
-/// in the workspace (filled by `scripts/setup.sh`).
+/// The library is found as the runtime finds it (`carrot_runtime::ort_lib`): `CARROT_ORT_LIB`,
+/// `ORT_DYLIB_PATH`, the project cache filled by `scripts/setup.sh`, a Python `onnxruntime`.
 pub fn init_ort() -> anyhow::Result<&'static ort::environment::Environment> {
-    static ENV: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
-    let env = ENV.get_or_init(|| {
-        let path = std::env::var_os("CARROT_ORT_LIB")
-            .filter(|p| !p.is_empty())
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                workspace_root().join(".cache/onnxruntime/1.31.1/libonnxruntime.so.1.31.1")
-            });
-        if !path.is_file() {
-            return Err(format!(
-                "ONNX Runtime library {} not found: run `bash scripts/setup.sh` or set CARROT_ORT_LIB",
-                path.display()
-            ));
-        }
-        let builder = ort::init_from(&path)
-            .map_err(|e| format!("loading ONNX Runtime from {}: {e}", path.display()))?;
-        builder
-            .with_name("carrot-tests")
-            .build()
-            .map_err(|e| format!("creating the ONNX Runtime environment: {e}"))
-    });
-    env.as_ref().map_err(|e| anyhow::anyhow!("{e}"))
+    carrot_runtime::ort_lib::init(None)?;
+    carrot_runtime::ort_lib::environment().ok_or_else(|| anyhow::anyhow!("ONNX Runtime environment missing after init"))
 }
 
 /// Runs `onnx.checker.check_model(path, full_check=True)` on each file (through
@@ -123,7 +103,7 @@ pub fn allclose(actual: &[f32], expected: &[f32], atol: f32, rtol: f32) -> Close
         } else {
             c.max_abs_error.max(err)
         };
-        if !(err <= atol + rtol * e.abs()) {
+        if err.is_nan() || err > atol + rtol * e.abs() {
             c.mismatches += 1;
             c.first_mismatch.get_or_insert(i);
         }

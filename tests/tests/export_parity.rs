@@ -6,7 +6,7 @@
 use carrot_contract::names;
 use carrot_graphs::config::DType;
 use carrot_tests::export_util::{
-    Goldens, Layout, Output, allclose, argmax_rows, exported, float_value, golden_feeds, run, session,
+    Goldens, Layout, Output, allclose, argmax_rows, exported, float_value, golden_feeds, run, run_golden, session,
 };
 
 const ATOL: f32 = 1e-4;
@@ -18,7 +18,7 @@ fn vision_matches(layout: Layout) {
     let goldens = Goldens::open("vision.safetensors");
     let exp = exported(layout, DType::F32);
     let mut s = session(&exp.graph(names::VISION_GRAPH));
-    let outputs = run(&mut s, golden_feeds(&s, &goldens, "", DType::F32));
+    let outputs = run_golden(&mut s, &goldens, "", DType::F32);
     let got = &outputs[names::IMAGE_FEATURES].array;
     let want = goldens.f32(names::IMAGE_FEATURES);
     assert_eq!(got.shape, want.shape, "image_features shape");
@@ -67,7 +67,7 @@ fn decoder_fp32_matches_reference_prefill_decode_chunk() {
     let mut s = session(&exp.graph(names::DECODER_GRAPH));
     let mut failures = Vec::new();
     for case in ["prefill", "decode", "chunk"] {
-        let outputs = run(&mut s, golden_feeds(&s, &goldens, case, DType::F32));
+        let outputs = run_golden(&mut s, &goldens, case, DType::F32);
         failures.extend(compare_case(case, &outputs, &goldens));
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -109,7 +109,7 @@ fn decoder_fp32_padded_batch_matches_reference_where_attended() {
     let goldens = Goldens::open("decoder.safetensors");
     let exp = exported(Layout::Merged, DType::F32);
     let mut s = session(&exp.graph(names::DECODER_GRAPH));
-    let outputs = run(&mut s, golden_feeds(&s, &goldens, "padded", DType::F32));
+    let outputs = run_golden(&mut s, &goldens, "padded", DType::F32);
     let mask = goldens.i64("padded.attention_mask");
     let (batch, total) = (mask.shape[0], mask.shape[1]);
     let mut failures = Vec::new();
@@ -234,7 +234,7 @@ fn vision_fp16_reports_error_against_fp32_reference() {
     let goldens = Goldens::open("vision.safetensors");
     let exp = exported(Layout::Merged, DType::F16);
     let mut s = session(&exp.graph(names::VISION_GRAPH));
-    let outputs = run(&mut s, golden_feeds(&s, &goldens, "", DType::F32));
+    let outputs = run_golden(&mut s, &goldens, "", DType::F32);
     let got = &outputs[names::IMAGE_FEATURES];
     assert_eq!(got.elem, ort::value::TensorElementType::Float16, "image_features in the activation dtype");
     let want = goldens.f32(names::IMAGE_FEATURES);

@@ -30,7 +30,11 @@ pub fn load_image(path: &Path, max_pixels: u64) -> Result<RgbImage, PreprocessEr
 ///
 /// The header is read first and images above `max_pixels` pixels are rejected before any pixel
 /// data is decoded.
-pub fn decode_image(bytes: &[u8], what: &str, max_pixels: u64) -> Result<RgbImage, PreprocessError> {
+pub fn decode_image(
+    bytes: &[u8],
+    what: &str,
+    max_pixels: u64,
+) -> Result<RgbImage, PreprocessError> {
     let decode_err = |source| PreprocessError::Decode {
         what: what.to_owned(),
         source,
@@ -87,16 +91,12 @@ pub fn to_rgb8_like_pillow(img: DynamicImage) -> RgbImage {
             from_fn(w, h, im.pixels().map(|p| [p[0].min(255) as u8; 3]))
         }
         DynamicImage::ImageLumaA16(im) => from_fn(w, h, im.pixels().map(|p| [msb(p[0]); 3])),
-        DynamicImage::ImageRgb16(im) => from_fn(
-            w,
-            h,
-            im.pixels().map(|p| [msb(p[0]), msb(p[1]), msb(p[2])]),
-        ),
-        DynamicImage::ImageRgba16(im) => from_fn(
-            w,
-            h,
-            im.pixels().map(|p| [msb(p[0]), msb(p[1]), msb(p[2])]),
-        ),
+        DynamicImage::ImageRgb16(im) => {
+            from_fn(w, h, im.pixels().map(|p| [msb(p[0]), msb(p[1]), msb(p[2])]))
+        }
+        DynamicImage::ImageRgba16(im) => {
+            from_fn(w, h, im.pixels().map(|p| [msb(p[0]), msb(p[1]), msb(p[2])]))
+        }
         // Float formats are not produced by the enabled decoders; fall back to the crate's
         // conversion (which drops alpha too).
         other => other.to_rgb8(),

@@ -13,7 +13,11 @@ pub fn expand_to_square(img: &RgbImage, color: [u8; 3]) -> RgbImage {
         return img.clone();
     }
     let side = w.max(h);
-    let (x0, y0) = if w > h { (0, (w - h) / 2) } else { ((h - w) / 2, 0) };
+    let (x0, y0) = if w > h {
+        (0, (w - h) / 2)
+    } else {
+        ((h - w) / 2, 0)
+    };
     let mut out = RgbImage::from_pixel(side, side, Rgb(color));
     let row_bytes = w as usize * 3;
     let out_stride = side as usize * 3;

@@ -318,7 +318,14 @@ mod tests {
 
     #[test]
     fn coefficient_count_bound_holds_for_odd_factors() {
-        for (i, o) in [(7usize, 3usize), (451, 384), (384, 451), (1, 5), (5, 1), (1000, 7)] {
+        for (i, o) in [
+            (7usize, 3usize),
+            (451, 384),
+            (384, 451),
+            (1, 5),
+            (5, 1),
+            (1000, 7),
+        ] {
             let c = AxisCoeffs::new(i, 0.0, i as f32, o);
             for &(start, count) in &c.bounds {
                 assert!(count <= c.ksize);

@@ -1,0 +1,200 @@
+//! HTTP handlers: health, model list, chat completions (whole or streamed), and the guard that
+//! keeps a loopback server from answering pages on other sites.
+
+use std::convert::Infallible;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Request, State};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use tokio::sync::mpsc;
+
+use super::App;
+use super::convert::job_input;
+use super::error::ApiError;
+use super::openai::{ChatRequest, Chunk, Completion, Header, Usage};
+use super::worker::{Job, Reply};
+
+pub async fn health(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok", "model": app.model }))
+}
+
+pub async fn models(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "object": "list",
+        "data": [{ "id": app.model, "object": "model", "created": 0, "owned_by": "carrot" }],
+    }))
+}
+
+pub async fn not_found(request: Request) -> ApiError {
+    ApiError::not_found(format!("no route for {} {}", request.method(), request.uri().path()))
+}
+
+pub async fn chat_completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Response {
+    match chat(app, body).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn chat(app: Arc<App>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let body = body.map_err(|e| ApiError {
+        status: e.status(),
+        kind: "invalid_request_error",
+        code: Some("invalid_body"),
+        message: e.body_text(),
+    })?;
+    let request: ChatRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::invalid("invalid_json", format!("the request body is not a valid chat request: {e}")))?;
+    let stream = request.stream.unwrap_or(false);
+    let include_usage = request.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    let input = job_input(request, &app.capabilities)?;
+
+    let (replies, mut rx) = mpsc::unbounded_channel();
+    let timeout = app.limits.request_timeout;
+    app.queue.submit(Job { input, deadline: Instant::now() + timeout, timeout, replies })?;
+    match rx.recv().await {
+        Some(Reply::Started) => {}
+        Some(Reply::Failed(e)) => return Err(e),
+        Some(_) | None => return Err(ApiError::internal("the model worker ended the request without an answer")),
+    }
+    let header = Header::new(&app.model);
+    if stream {
+        Ok(streamed(header, rx, include_usage))
+    } else {
+        whole(header, rx).await
+    }
+}
+
+async fn whole(header: Header, mut rx: mpsc::UnboundedReceiver<Reply>) -> Result<Response, ApiError> {
+    let mut content = String::new();
+    while let Some(reply) = rx.recv().await {
+        match reply {
+            Reply::Text(text) => content.push_str(&text),
+            Reply::Done { finish_reason, prompt_tokens, completion_tokens } => {
+                let usage = Usage::new(prompt_tokens, completion_tokens);
+                return Ok(Json(Completion::new(&header, content, finish_reason, usage)).into_response());
+            }
+            Reply::Failed(e) => return Err(e),
+            Reply::Started => {}
+        }
+    }
+    Err(ApiError::internal("the model worker ended the request without an answer"))
+}
+
+/// Server-sent events: the role chunk, one chunk per piece of text, the finish chunk, the
+/// usage chunk when asked for, then `[DONE]`. A failure mid-stream is sent as an
+/// `{"error": …}` event and ends the stream.
+fn streamed(header: Header, rx: mpsc::UnboundedReceiver<Reply>, include_usage: bool) -> Response {
+    struct State {
+        rx: mpsc::UnboundedReceiver<Reply>,
+        header: Header,
+        include_usage: bool,
+        pending: std::collections::VecDeque<SseEvent>,
+        ended: bool,
+    }
+    let first = std::collections::VecDeque::from([json_event(&Chunk::role(&header))]);
+    let state = State { rx, header, include_usage, pending: first, ended: false };
+    let events = futures_util::stream::unfold(state, |mut st| async move {
+        loop {
+            if let Some(event) = st.pending.pop_front() {
+                return Some((Ok::<_, Infallible>(event), st));
+            }
+            if st.ended {
+                return None;
+            }
+            match st.rx.recv().await {
+                Some(Reply::Text(text)) => st.pending.push_back(json_event(&Chunk::content(&st.header, text))),
+                Some(Reply::Done { finish_reason, prompt_tokens, completion_tokens }) => {
+                    st.pending.push_back(json_event(&Chunk::finish(&st.header, finish_reason)));
+                    if st.include_usage {
+                        let usage = Usage::new(prompt_tokens, completion_tokens);
+                        st.pending.push_back(json_event(&Chunk::usage(&st.header, usage)));
+                    }
+                    st.pending.push_back(SseEvent::default().data("[DONE]"));
+                    st.ended = true;
+                }
+                Some(Reply::Failed(e)) => {
+                    st.pending.push_back(SseEvent::default().data(e.body().to_string()));
+                    st.ended = true;
+                }
+                Some(Reply::Started) => {}
+                None => {
+                    let e = ApiError::internal("the model worker ended the request without an answer");
+                    st.pending.push_back(SseEvent::default().data(e.body().to_string()));
+                    st.ended = true;
+                }
+            }
+        }
+    });
+    Sse::new(events).keep_alive(KeepAlive::default()).into_response()
+}
+
+fn json_event(value: &impl serde::Serialize) -> SseEvent {
+    match serde_json::to_string(value) {
+        Ok(json) => SseEvent::default().data(json),
+        Err(e) => SseEvent::default().data(ApiError::internal(format!("cannot serialise a chunk: {e}")).body().to_string()),
+    }
+}
+
+/// On a loopback server, refuse requests that name another host (DNS rebinding) or come from
+/// a page on another origin, so that a web page cannot drive the model or read local images.
+pub async fn local_only(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    if !app.allow_remote {
+        let headers = request.headers();
+        if let Some(host) = headers.get(header::HOST) {
+            let host = host.to_str().unwrap_or_default();
+            if !is_loopback_host(host) {
+                return ApiError::forbidden("forbidden_host", format!("host `{host}` is not a loopback name")).into_response();
+            }
+        }
+        if let Some(origin) = headers.get(header::ORIGIN) {
+            let origin = origin.to_str().unwrap_or_default();
+            let host = origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://"));
+            if !host.is_some_and(is_loopback_host) {
+                return ApiError::forbidden("forbidden_origin", format!("requests from origin `{origin}` are refused"))
+                    .into_response();
+            }
+        }
+    }
+    next.run(request).await
+}
+
+/// `localhost`, a loopback IP (`127.0.0.1`, `[::1]`), each with an optional port.
+pub fn is_loopback_host(host: &str) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        match rest.split_once(']') {
+            Some((ip, port)) if port.is_empty() || port.starts_with(':') => ip,
+            _ => return false,
+        }
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) if !name.contains(':') && port.chars().all(|c| c.is_ascii_digit()) => name,
+            Some(_) => host,
+            None => host,
+        }
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_hosts() {
+        for host in ["localhost", "localhost:8080", "127.0.0.1", "127.0.0.1:80", "[::1]:8080", "[::1]", "LOCALHOST"] {
+            assert!(is_loopback_host(host), "{host}");
+        }
+        for host in ["evil.example", "evil.example:8080", "10.0.0.1:80", "localhost.evil.example", "[::2]:80", ""] {
+            assert!(!is_loopback_host(host), "{host}");
+        }
+    }
+}

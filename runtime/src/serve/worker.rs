@@ -1,0 +1,164 @@
+//! The model worker: one thread owns the pipeline and answers queued requests one at a time,
+//! sending each request's text back over its own channel as it is generated.
+//!
+//! A request stops early when its client goes away (its reply channel closes), when a stop
+//! string occurs, or when its deadline passes.
+
+use std::panic::AssertUnwindSafe;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use super::convert::{JobInput, JobPrompt};
+use super::error::ApiError;
+use super::stop::{Filtered, StopText};
+use crate::engine::ImageFeatures;
+use crate::generate::{Event, Generation, Request};
+use crate::pipeline::{Pipeline, Prompt, split_prompt};
+
+/// What the worker reports about one request, in this order: `Started`, any number of
+/// `Text`, then `Done`; or `Failed` at any point, after which nothing follows.
+#[derive(Debug)]
+pub enum Reply {
+    /// The prompt and images were accepted; generation begins.
+    Started,
+    Text(String),
+    Done { finish_reason: &'static str, prompt_tokens: usize, completion_tokens: usize },
+    Failed(ApiError),
+}
+
+pub struct Job {
+    pub input: JobInput,
+    pub deadline: Instant,
+    pub timeout: Duration,
+    pub replies: mpsc::UnboundedSender<Reply>,
+}
+
+/// Where handlers put requests; bounded, so a flood of requests is refused instead of queued.
+#[derive(Clone, Debug)]
+pub struct Queue {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Queue {
+    pub fn submit(&self, job: Job) -> Result<(), ApiError> {
+        self.jobs.try_send(job).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => ApiError::unavailable(
+                "server_busy",
+                format!("the server is busy: {} requests are already waiting; retry later", self.jobs.max_capacity()),
+            ),
+            mpsc::error::TrySendError::Closed(_) => ApiError::internal("the model worker has stopped"),
+        })
+    }
+}
+
+/// The worker thread; it ends once every [`Queue`] handle is dropped and the last job is done.
+#[derive(Debug)]
+pub struct Worker {
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Worker {
+    /// Starts the thread; at most `max_queue` requests wait while one runs.
+    pub fn spawn(pipeline: Pipeline, max_queue: usize) -> std::io::Result<(Worker, Queue)> {
+        let (jobs, mut rx) = mpsc::channel::<Job>(max_queue.max(1));
+        let thread = std::thread::Builder::new().name("carrot-model".into()).spawn(move || {
+            let mut pipeline = pipeline;
+            while let Some(job) = rx.blocking_recv() {
+                let replies = job.replies.clone();
+                let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| run(&mut pipeline, &job)));
+                let failure = match outcome {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(e),
+                    Err(_) => Some(ApiError::internal("the model worker panicked on this request")),
+                };
+                if let Some(e) = failure {
+                    let _ = replies.send(Reply::Failed(e));
+                }
+            }
+        })?;
+        Ok((Worker { thread: Some(thread) }, Queue { jobs }))
+    }
+
+    /// Waits for the thread to finish its last job.
+    pub fn join(mut self) {
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn timed_out(job: &Job) -> ApiError {
+    ApiError::unavailable(
+        "timeout",
+        format!("the request did not finish within {:.0} s (time in the queue included)", job.timeout.as_secs_f64()),
+    )
+}
+
+fn run(pipeline: &mut Pipeline, job: &Job) -> Result<(), ApiError> {
+    let replies = &job.replies;
+    if replies.is_closed() {
+        return Ok(());
+    }
+    if Instant::now() >= job.deadline {
+        return Err(timed_out(job));
+    }
+    let input = &job.input;
+    let prompt_ids = match &input.prompt {
+        JobPrompt::Turns(turns) => pipeline.prompt_ids(&Prompt::Conversation(turns.clone()), input.images.len())?,
+        JobPrompt::Messages(messages) => pipeline
+            .tokenizer
+            .encode_chat(messages)
+            .map_err(crate::pipeline::PipelineError::from)?
+            .into_iter()
+            .map(i64::from)
+            .collect(),
+    };
+    let pixels = pipeline.pixel_values(&input.images)?;
+    let parts = split_prompt(&prompt_ids, pipeline.engine.manifest.prompt.image_token_index)?;
+    let features: Vec<ImageFeatures> = if pixels.is_empty() {
+        Vec::new()
+    } else {
+        pipeline.engine.encode_images(&pixels).map_err(crate::pipeline::PipelineError::from)?
+    };
+    let request = Request { prompt: parts, images: features, options: pipeline.options(&input.params) };
+    let mut generation = Generation::new(&mut pipeline.engine, &pipeline.tokenizer, &request)?;
+    let _ = replies.send(Reply::Started);
+
+    let mut stop = StopText::new(input.stop.clone());
+    let finish_reason = loop {
+        if replies.is_closed() {
+            return Ok(());
+        }
+        if Instant::now() >= job.deadline {
+            return Err(timed_out(job));
+        }
+        match generation.next_event()? {
+            Some(Event::Token { text_delta, .. }) => match stop.push(&text_delta) {
+                Filtered::Text(text) => send_text(replies, text),
+                Filtered::Stopped(text) => {
+                    send_text(replies, text);
+                    break "stop";
+                }
+            },
+            Some(Event::Done { finish_reason, .. }) => {
+                send_text(replies, stop.finish());
+                break finish_reason.as_str();
+            }
+            None => break generation.finish_reason().map_or("length", |r| r.as_str()),
+        }
+    };
+    let _ = replies.send(Reply::Done {
+        finish_reason,
+        prompt_tokens: generation.prompt_len(),
+        completion_tokens: generation.token_ids().len(),
+    });
+    Ok(())
+}
+
+fn send_text(replies: &mpsc::UnboundedSender<Reply>, text: String) {
+    if !text.is_empty() {
+        let _ = replies.send(Reply::Text(text));
+    }
+}

@@ -1,0 +1,170 @@
+//! The `carrot` command line: JSON output shape, one-line errors, no panics.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf()
+}
+
+fn carrot() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_carrot"))
+}
+
+/// carrot-tiny exported in fp32 with the Llama 3 tokenizer copied in, once per test process.
+fn exported() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let out = tmp.path().join("carrot-tiny");
+        let plan = carrot_export::pipeline::ExportPlan {
+            model: root().join("fixtures/models/carrot-tiny"),
+            out: out.clone(),
+            base: None,
+            loras: Vec::new(),
+            vision_tower: None,
+            format: carrot_export::pipeline::WeightFormat::Float(carrot_graphs::config::DType::F32),
+            flavor: "portable".into(),
+            logits: carrot_graphs::llama::Logits::Last,
+            force: false,
+            progress: false,
+        };
+        carrot_export::pipeline::export(&plan).expect("export carrot-tiny");
+        let tok = root().join(".cache/llama3-tokenizer");
+        for leaf in ["tokenizer.json", "tokenizer_config.json"] {
+            std::fs::copy(tok.join(leaf), out.join(leaf)).expect("tokenizer: run scripts/setup.sh");
+        }
+        tmp
+    })
+    .path()
+}
+
+fn model() -> PathBuf {
+    exported().join("carrot-tiny")
+}
+
+fn assert_one_line_error(out: &std::process::Output, needle: &str) {
+    assert!(!out.status.success(), "expected failure");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one line on stderr, got:\n{stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    assert!(lines[0].contains(needle), "`{needle}` not in: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(out.stdout.is_empty(), "stdout must stay empty on errors");
+}
+
+#[test]
+fn json_output_has_the_contract_keys_and_golden_tokens() {
+    let goldens: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("fixtures/goldens/generate.json")).expect("generate.json"),
+    )
+    .expect("json");
+    let record = &goldens["records"]["carrot_image"];
+    let expected: Vec<u64> = record["output_ids"].as_array().expect("ids").iter().filter_map(|v| v.as_u64()).collect();
+    let out = carrot()
+        .args(["generate", "--model"])
+        .arg(model())
+        .arg("--image")
+        .arg(root().join("fixtures/images/chelsea.png"))
+        .args(["--prompt", "What is in this picture?", "--temperature", "0", "--ignore-eos", "--json"])
+        .args(["--max-new-tokens", &expected.len().to_string()])
+        .output()
+        .expect("run carrot");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).expect("utf8");
+    assert_eq!(stdout.lines().count(), 1, "exactly one JSON object on stdout: {stdout}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("json object");
+    for key in ["text", "token_ids", "prompt_tokens", "generated_tokens", "finish_reason", "timings"] {
+        assert!(v.get(key).is_some(), "missing {key} in {v}");
+    }
+    for key in ["load_ms", "vision_ms", "prefill_ms", "decode_ms"] {
+        assert!(v["timings"][key].as_f64().is_some(), "missing timings.{key} in {v}");
+    }
+    let ids: Vec<u64> = v["token_ids"].as_array().expect("ids").iter().filter_map(|x| x.as_u64()).collect();
+    assert_eq!(ids, expected, "greedy tokens differ from the transformers golden");
+    assert_eq!(v["prompt_tokens"].as_u64(), record["num_positions"].as_u64());
+    assert_eq!(v["generated_tokens"].as_u64(), Some(expected.len() as u64));
+    assert_eq!(v["finish_reason"], "length");
+}
+
+#[test]
+fn missing_ort_library_is_one_line_naming_it() {
+    let out = carrot()
+        .args(["generate", "--model"])
+        .arg(model())
+        .args(["--prompt", "hi", "--ort-lib", "/nonexistent/libonnxruntime.so"])
+        .output()
+        .expect("run carrot");
+    assert_one_line_error(&out, "/nonexistent/libonnxruntime.so");
+}
+
+#[test]
+fn missing_model_dir_names_the_manifest() {
+    let out = carrot().args(["generate", "--model", "/nonexistent/export", "--prompt", "hi"]).output().expect("run");
+    assert_one_line_error(&out, "/nonexistent/export/carrot.json");
+}
+
+#[test]
+fn missing_image_names_the_file() {
+    let out = carrot()
+        .args(["generate", "--model"])
+        .arg(model())
+        .args(["--image", "/nonexistent/cat.png", "--prompt", "hi"])
+        .output()
+        .expect("run");
+    assert_one_line_error(&out, "/nonexistent/cat.png");
+}
+
+#[test]
+fn corrupt_image_names_the_file() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let bad = tmp.path().join("bad.jpg");
+    std::fs::write(&bad, b"definitely not a jpeg").expect("write");
+    let out = carrot()
+        .args(["generate", "--model"])
+        .arg(model())
+        .arg("--image")
+        .arg(&bad)
+        .args(["--prompt", "hi"])
+        .output()
+        .expect("run");
+    assert_one_line_error(&out, "bad.jpg");
+}
+
+#[test]
+fn prompt_longer_than_the_context_is_refused() {
+    let long = "carrot ".repeat(3000);
+    let out = carrot()
+        .args(["generate", "--model"])
+        .arg(model())
+        .args(["--prompt", &long, "--raw"])
+        .output()
+        .expect("run");
+    assert_one_line_error(&out, "max_length 2048");
+}
+
+#[test]
+fn unknown_device_is_refused() {
+    let out = carrot()
+        .args(["generate", "--model"])
+        .arg(model())
+        .args(["--prompt", "hi", "--device", "gpu"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("gpu"));
+}
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_without_the_feature_is_an_error_not_a_fallback() {
+    let out = carrot()
+        .args(["generate", "--model"])
+        .arg(model())
+        .args(["--prompt", "hi", "--device", "cuda"])
+        .output()
+        .expect("run");
+    assert_one_line_error(&out, "--features cuda");
+}

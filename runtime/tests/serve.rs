@@ -1,0 +1,363 @@
+//! `carrot serve` over real HTTP on an ephemeral loopback port, against the fixture model
+//! exported here (fp32): answers equal `Pipeline::generate`, streaming adds up to the whole
+//! answer, bad requests get OpenAI-style 400s, and the limits hold.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use base64::Engine as _;
+use carrot_runtime::engine::LoadOptions;
+use carrot_runtime::pipeline::{ImageSource, Params, Pipeline, Prompt};
+use carrot_runtime::serve::{self, Limits, Settings};
+use serde_json::{Value, json};
+
+const QUESTION: &str = "What is in this picture?";
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+fn chelsea() -> PathBuf {
+    root().join("fixtures/images/chelsea.png")
+}
+
+/// fixtures/models/carrot-tiny exported (fp32) with the Llama 3 tokenizer, once per process.
+fn model_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let root = root();
+        let tokenizer = root.join(".cache/llama3-tokenizer");
+        assert!(
+            tokenizer.join("tokenizer.json").is_file(),
+            "{} is missing: run scripts/setup.sh",
+            tokenizer.display()
+        );
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("serve/carrot-tiny-fp32");
+        let plan = carrot_export::pipeline::ExportPlan {
+            model: root.join("fixtures/models/carrot-tiny"),
+            out: out.clone(),
+            base: None,
+            loras: Vec::new(),
+            vision_tower: None,
+            format: carrot_export::pipeline::WeightFormat::Float(carrot_graphs::config::DType::F32),
+            flavor: "portable".into(),
+            logits: carrot_graphs::llama::Logits::All,
+            force: true,
+            progress: false,
+        };
+        carrot_export::pipeline::export(&plan).unwrap_or_else(|e| panic!("exporting carrot-tiny: {e}"));
+        for leaf in ["tokenizer.json", "tokenizer_config.json"] {
+            std::fs::copy(tokenizer.join(leaf), out.join(leaf)).unwrap_or_else(|e| panic!("copying {leaf}: {e}"));
+        }
+        out
+    })
+}
+
+fn load() -> Pipeline {
+    Pipeline::load(model_dir(), &LoadOptions::default()).unwrap_or_else(|e| panic!("loading the export: {e}"))
+}
+
+/// A server on its own thread and runtime; it stops when the returned sender is dropped.
+fn start(settings: Settings) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    let pipeline = load();
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        runtime.block_on(async move {
+            let listener = serve::listen("127.0.0.1", 0, false).await.expect("listen");
+            addr_tx.send(listener.local_addr().expect("address")).expect("report address");
+            let (router, worker) = serve::router(pipeline, settings).expect("router");
+            serve::serve(listener, router, async {
+                let _ = stop_rx.await;
+            })
+            .await
+            .expect("serve");
+            worker.join();
+        });
+    });
+    (addr_rx.recv_timeout(Duration::from_secs(60)).expect("server address"), stop_tx)
+}
+
+/// The server with default settings, shared by the tests of this process.
+fn server() -> SocketAddr {
+    static SERVER: OnceLock<(SocketAddr, tokio::sync::oneshot::Sender<()>)> = OnceLock::new();
+    SERVER.get_or_init(|| start(Settings::for_model_dir(model_dir()))).0
+}
+
+struct HttpResponse {
+    status: u16,
+    headers: String,
+    body: String,
+}
+
+impl HttpResponse {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: not JSON: {}", self.body))
+    }
+}
+
+/// One HTTP/1.1 request with `Connection: close`, read to the end (chunked bodies de-chunked).
+fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>, extra_headers: &[(&str, &str)]) -> HttpResponse {
+    let body = body.map(Value::to_string).unwrap_or_default();
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(120))).expect("timeout");
+    let mut request = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    if !extra_headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        request.push_str(&format!("Host: {addr}\r\n"));
+    }
+    if !body.is_empty() {
+        request.push_str("Content-Type: application/json\r\n");
+    }
+    for (k, v) in extra_headers {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(&body);
+    stream.write_all(request.as_bytes()).expect("send");
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).expect("read");
+    let text = String::from_utf8(raw).expect("UTF-8 response");
+    let (head, rest) = text.split_once("\r\n\r\n").expect("header end");
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status");
+    let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
+    let body = if chunked { dechunk(rest) } else { rest.to_owned() };
+    HttpResponse { status, headers: head.to_owned(), body }
+}
+
+fn dechunk(mut rest: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n").expect("chunk size line");
+        let size = usize::from_str_radix(size.trim(), 16).expect("chunk size");
+        if size == 0 {
+            return out;
+        }
+        out.push_str(&after[..size]);
+        rest = &after[size + 2..];
+    }
+}
+
+fn post(body: &Value) -> HttpResponse {
+    http(server(), "POST", "/v1/chat/completions", Some(body), &[])
+}
+
+fn data_url(path: &Path) -> String {
+    let bytes = std::fs::read(path).expect("image");
+    format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(bytes))
+}
+
+fn image_question(url: &str, extra: Value) -> Value {
+    let mut body = json!({
+        "model": "carrot-tiny",
+        "messages": [{"role": "user", "content": [
+            {"type": "text", "text": QUESTION},
+            {"type": "image_url", "image_url": {"url": url}},
+        ]}],
+        "temperature": 0,
+        "max_tokens": 16,
+    });
+    if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+        body.extend(extra.clone());
+    }
+    body
+}
+
+/// The greedy answer `Pipeline::generate` gives directly.
+fn direct_answer() -> &'static String {
+    static ANSWER: OnceLock<String> = OnceLock::new();
+    ANSWER.get_or_init(|| {
+        let params = Params { max_new_tokens: Some(16), temperature: Some(0.0), ..Params::default() };
+        let prompt = Prompt::Text { text: QUESTION.into(), raw: false };
+        let answer = load()
+            .generate(&prompt, &[ImageSource::Path(chelsea())], &params, |_| {})
+            .unwrap_or_else(|e| panic!("direct generation: {e}"));
+        assert_eq!(answer.output.token_ids.len(), 16, "the fixture answer runs to the token limit");
+        answer.output.text
+    })
+}
+
+fn content(response: &Value) -> &str {
+    response["choices"][0]["message"]["content"].as_str().expect("content")
+}
+
+#[test]
+fn health_names_the_model() {
+    let response = http(server(), "GET", "/health", None, &[]);
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert_eq!(response.json(), json!({"status": "ok", "model": "carrot-tiny-fp32"}));
+}
+
+#[test]
+fn greedy_completion_equals_the_pipeline() {
+    let response = post(&image_question(&data_url(&chelsea()), json!({})));
+    assert_eq!(response.status, 200, "{}", response.body);
+    let body = response.json();
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["model"], "carrot-tiny-fp32");
+    assert!(body["id"].as_str().is_some_and(|id| id.starts_with("chatcmpl-")), "{body}");
+    assert!(body["created"].as_u64().is_some(), "{body}");
+    assert_eq!(body["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(content(&body), direct_answer());
+    assert_eq!(body["choices"][0]["finish_reason"], "length");
+    let usage = &body["usage"];
+    assert_eq!(usage["completion_tokens"], 16, "{body}");
+    assert_eq!(usage["prompt_tokens"], 59, "{body}");
+    assert_eq!(usage["total_tokens"], 75, "{body}");
+}
+
+#[test]
+fn a_file_url_gives_the_same_answer_as_a_data_url() {
+    let url = format!("file://{}", chelsea().display());
+    let response = post(&image_question(&url, json!({"max_completion_tokens": 16, "max_tokens": 3})));
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert_eq!(content(&response.json()), direct_answer());
+}
+
+#[test]
+fn streamed_chunks_add_up_to_the_answer() {
+    let response = post(&image_question(&data_url(&chelsea()), json!({"stream": true, "stream_options": {"include_usage": true}})));
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert!(response.headers.to_ascii_lowercase().contains("content-type: text/event-stream"), "{}", response.headers);
+    let data: Vec<&str> = response
+        .body
+        .split("\n\n")
+        .filter_map(|event| event.lines().find_map(|l| l.strip_prefix("data: ")))
+        .collect();
+    assert_eq!(data.last(), Some(&"[DONE]"), "{}", response.body);
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap_or_else(|e| panic!("{e}: {d}")))
+        .collect();
+    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"), "{chunks:?}");
+    assert!(chunks.iter().all(|c| c["id"] == chunks[0]["id"]), "one id for all chunks");
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(&text, direct_answer());
+    let finishes: Vec<&Value> = chunks
+        .iter()
+        .map(|c| &c["choices"][0]["finish_reason"])
+        .filter(|f| !f.is_null())
+        .collect();
+    assert_eq!(finishes, [&json!("length")]);
+    let usage = chunks.last().map(|c| &c["usage"]).expect("usage chunk");
+    assert_eq!(usage["completion_tokens"], 16, "{usage}");
+}
+
+#[test]
+fn a_stop_string_ends_and_trims_the_answer() {
+    let full = direct_answer();
+    let chars: Vec<(usize, char)> = full.char_indices().collect();
+    let (start, _) = chars[chars.len() / 2];
+    let end = chars.get(chars.len() / 2 + 2).map_or(full.len(), |&(i, _)| i);
+    let stop = &full[start..end];
+    let expected = &full[..full.find(stop).expect("stop string in the answer")];
+    for stream in [false, true] {
+        let response = post(&image_question(&data_url(&chelsea()), json!({"stop": [stop], "stream": stream})));
+        assert_eq!(response.status, 200, "{}", response.body);
+        let (text, finish) = if stream {
+            let chunks: Vec<Value> = response
+                .body
+                .lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .filter(|d| *d != "[DONE]")
+                .map(|d| serde_json::from_str(d).expect("chunk"))
+                .collect();
+            let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+            let finish = chunks.iter().rev().map(|c| c["choices"][0]["finish_reason"].clone()).find(|f| !f.is_null());
+            (text, finish.unwrap_or(Value::Null))
+        } else {
+            let body = response.json();
+            (content(&body).to_owned(), body["choices"][0]["finish_reason"].clone())
+        };
+        assert_eq!(text, expected, "stop {stop:?}, stream {stream}");
+        assert_eq!(finish, "stop", "stream {stream}");
+    }
+}
+
+fn assert_400(body: Value, needle: &str) {
+    let response = post(&body);
+    assert_eq!(response.status, 400, "{body}: {}", response.body);
+    let error = &response.json()["error"];
+    let message = error["message"].as_str().unwrap_or_default();
+    assert!(message.contains(needle), "{body}: message {message:?} lacks {needle:?}");
+    assert_eq!(error["type"], "invalid_request_error", "{error}");
+    assert!(error.get("code").is_some(), "{error}");
+}
+
+#[test]
+fn bad_requests_are_refused_with_a_message() {
+    assert_400(json!({"model": "m"}), "messages");
+    assert_400(json!({"messages": []}), "at least one message");
+    assert_400(json!({"messages": [{"role": "tool", "content": "x"}]}), "role `tool`");
+    assert_400(json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}), "max_tokens");
+    assert_400(json!({"messages": [{"role": "user", "content": "hi"}], "n": 2}), "`n` = 2");
+    assert_400(image_question("data:image/png;base64,not*base64", json!({})), "invalid base64");
+    assert_400(image_question("data:image/png;base64,aGVsbG8=", json!({})), "cannot decode image");
+    assert_400(image_question("http://example.com/cat.png", json!({})), "never fetches");
+    assert_400(image_question("https://example.com/cat.png", json!({})), "never fetches");
+    assert_400(image_question("file:///nonexistent/cat.png", json!({})), "/nonexistent/cat.png");
+    assert_400(
+        json!({"messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(&chelsea())}}]}]}),
+        "first user message",
+    );
+    let response = http(server(), "POST", "/v1/chat/completions", None, &[]);
+    assert_eq!(response.status, 400, "{}", response.body);
+    assert!(response.json()["error"]["message"].is_string());
+}
+
+#[test]
+fn a_system_message_is_ignored_by_the_bunny_template() {
+    let mut body = image_question(&data_url(&chelsea()), json!({}));
+    if let Some(messages) = body["messages"].as_array_mut() {
+        messages.insert(0, json!({"role": "system", "content": "Answer in French."}));
+    }
+    let response = post(&body);
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert_eq!(content(&response.json()), direct_answer());
+}
+
+#[test]
+fn only_loopback_names_and_origins_are_served() {
+    let refused = http(server(), "GET", "/health", None, &[("Host", "evil.example")]);
+    assert_eq!(refused.status, 403, "{}", refused.body);
+    let refused = http(server(), "GET", "/health", None, &[("Origin", "https://evil.example")]);
+    assert_eq!(refused.status, 403, "{}", refused.body);
+    let allowed = http(server(), "GET", "/health", None, &[("Host", "localhost:1234"), ("Origin", "http://127.0.0.1:3000")]);
+    assert_eq!(allowed.status, 200, "{}", allowed.body);
+}
+
+#[test]
+fn listening_beyond_loopback_needs_allow_remote() {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let err = runtime.block_on(serve::listen("0.0.0.0", 0, false)).expect_err("0.0.0.0 refused");
+    assert!(err.to_string().contains("not a loopback address"), "{err}");
+    let listener = runtime.block_on(serve::listen("localhost", 0, false)).expect("localhost");
+    assert!(listener.local_addr().expect("address").ip().is_loopback());
+}
+
+#[test]
+fn a_request_past_its_deadline_gets_503() {
+    let settings = Settings {
+        limits: Limits { request_timeout: Duration::ZERO, ..Limits::default() },
+        ..Settings::for_model_dir(model_dir())
+    };
+    let (addr, _stop) = start(settings);
+    let body = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4});
+    let response = http(addr, "POST", "/v1/chat/completions", Some(&body), &[]);
+    assert_eq!(response.status, 503, "{}", response.body);
+    assert_eq!(response.json()["error"]["code"], "timeout");
+}
