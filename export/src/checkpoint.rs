@@ -426,6 +426,7 @@ fn bin_dtype(raw: &RawTensor) -> StoredDType {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::f16;
     use safetensors::tensor::TensorView;
 
     fn write_st(path: &Path, tensors: &[(&str, safetensors::Dtype, Vec<usize>, Vec<u8>)]) {

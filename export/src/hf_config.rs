@@ -518,5 +518,4 @@ mod tests {
         let d = GenerationDefaults::resolve(&model, None);
         assert_eq!(d.eos_token_ids, vec![2, 3]);
     }
-
 }

@@ -5,13 +5,7 @@
 //! `utils/other.py::get_pattern_key` for `rank_pattern` / `alpha_pattern`.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
-
-use regex::Regex;
-use serde::Deserialize;
-use serde::de::{Deserializer, MapAccess, Visitor};
-use serde_json::Value;
 
 use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::hf_config::{ConfigError, read_json};
@@ -356,11 +350,23 @@ impl LoraAdapter {
         Ok(true)
     }
 
-    /// Bytes of adapter tensors read while merging.
+    /// Bytes of adapter tensors read while merging every module.
     pub fn bytes_total(&self) -> usize {
-        self.modules
-            .values()
-            .flat_map(|m| [&m.a_key, &m.b_key])
+        self.modules.values().map(|m| self.module_bytes(m)).sum()
+    }
+
+    /// Bytes of adapter tensors read when merging into `key` (a `.weight` or `.bias` name).
+    pub fn bytes_for(&self, key: &str) -> usize {
+        match key.strip_suffix(".weight").and_then(|module| self.modules.get(module)) {
+            Some(m) => self.module_bytes(m),
+            None => 0,
+        }
+    }
+
+    fn module_bytes(&self, m: &LoraModule) -> usize {
+        [Some(&m.a_key), Some(&m.b_key), m.b_bias_key.as_ref()]
+            .into_iter()
+            .flatten()
             .filter_map(|k| self.weights.info(k).ok())
             .map(|i| i.byte_len())
             .sum()
@@ -370,7 +376,6 @@ impl LoraAdapter {
 #[cfg(test)]
 mod tests {
     use super::*;
-
 
     #[test]
     fn adapter_key_forms() {
@@ -399,5 +404,4 @@ mod tests {
             None
         );
     }
-
 }

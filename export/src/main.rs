@@ -33,8 +33,8 @@ struct Cli {
     /// Graph flavor.
     #[arg(long, default_value = "portable", value_parser = ["portable", "ort"])]
     flavor: String,
-    /// Logits for every position (`all`) or only the last one (`last`).
-    #[arg(long, default_value = "all", value_parser = ["all", "last"])]
+    /// Logits for only the last position (`last`, what generation needs) or for every position (`all`).
+    #[arg(long, default_value = "last", value_parser = ["all", "last"])]
     logits: String,
     /// Replace an existing --out.
     #[arg(long)]

@@ -24,7 +24,6 @@ pub struct HfSiglipVisionConfig {
     pub vision_config: Option<Value>,
 }
 
-
 fn square_size(
     value: &Option<Value>,
     default: usize,

@@ -297,8 +297,8 @@ impl ModelWeights {
         for adapter in &mut self.adapters {
             if module_key.ends_with(".bias") {
                 adapter.merge_bias(&module_key, &mut data)?;
-            } else {
-                adapter.merge(&module_key, &mut data, &shape)?;
+            } else if adapter.merge(&module_key, &mut data, &shape)? {
+                self.bytes_read += adapter.bytes_for(&module_key) as u64;
             }
         }
         Ok(Tensor { shape, data })

@@ -132,6 +132,12 @@ fn aligned<T: bytemuck::Pod>(bytes: &[u8]) -> Option<Cow<'_, [T]>> {
 mod tests {
     use super::*;
 
+    fn f16_bytes(v: &[f32]) -> Vec<u8> {
+        v.iter()
+            .flat_map(|x| f16::from_f32(*x).to_le_bytes())
+            .collect()
+    }
+
     #[test]
     fn converts_every_float_dtype() {
         let v = [1.0f32, -2.5, 0.125];

@@ -390,6 +390,15 @@ fn bunny_lora_over_base() {
         load(&mut base_ck, "model.layers.0.input_layernorm.weight").1
     );
 
+    // Reading every tensor once reads every byte the progress estimate counted.
+    let names: Vec<String> = m.weights.expected().keys().cloned().collect();
+    let before = m.weights.bytes_read();
+    for name in &names {
+        m.weights.tensor(name).unwrap_or_else(|e| panic!("{e}"));
+    }
+    assert!(before > 0);
+    assert_eq!(m.weights.bytes_read() - before, m.weights.bytes_total());
+
     // Without --base, a local `base_model_name_or_path` is used.
     let m2 = open_ok(&lora, None, &[], None);
     assert!(

@@ -80,7 +80,7 @@ pub fn run(opts: &LoadOptions) -> anyhow::Result<bool> {
             vision_tower: None,
             format: carrot_export::pipeline::WeightFormat::Float(carrot_graphs::config::DType::F32),
             flavor: "portable".into(),
-            logits: carrot_graphs::llama::Logits::All,
+            logits: carrot_graphs::llama::Logits::Last,
             force: true,
             progress: true,
         };

@@ -33,14 +33,14 @@ fn auto_choice() -> Device {
     #[cfg(feature = "tensorrt")]
     {
         use ort::ep::ExecutionProvider;
-        if ort::ep::TensorRT::default().is_available().unwrap_or(false) {
+        if <ort::ep::TensorRT as ExecutionProvider>::is_available().unwrap_or(false) {
             return Device::TensorRt(0);
         }
     }
     #[cfg(feature = "cuda")]
     {
         use ort::ep::ExecutionProvider;
-        if ort::ep::CUDA::default().is_available().unwrap_or(false) {
+        if <ort::ep::CUDA as ExecutionProvider>::is_available().unwrap_or(false) {
             return Device::Cuda(0);
         }
     }

@@ -11,6 +11,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use carrot_runtime::engine::LoadOptions;
 use carrot_runtime::pipeline::{ImageSource, Params, Pipeline, Prompt};
+use carrot_runtime::prompt::Message;
 use carrot_runtime::serve::{self, Limits, Settings};
 use serde_json::{Value, json};
 
@@ -24,45 +25,44 @@ fn chelsea() -> PathBuf {
     root().join("fixtures/images/chelsea.png")
 }
 
-/// fixtures/models/carrot-tiny exported (fp32) with the Llama 3 tokenizer, once per process.
-fn model_dir() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let root = root();
-        let tokenizer = root.join(".cache/llama3-tokenizer");
-        assert!(
-            tokenizer.join("tokenizer.json").is_file(),
-            "{} is missing: run scripts/setup.sh",
-            tokenizer.display()
-        );
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("serve/carrot-tiny-fp32");
-        let plan = carrot_export::pipeline::ExportPlan {
-            model: root.join("fixtures/models/carrot-tiny"),
-            out: out.clone(),
-            base: None,
-            loras: Vec::new(),
-            vision_tower: None,
-            format: carrot_export::pipeline::WeightFormat::Float(carrot_graphs::config::DType::F32),
-            flavor: "portable".into(),
-            logits: carrot_graphs::llama::Logits::All,
-            force: true,
-            progress: false,
-        };
-        carrot_export::pipeline::export(&plan).unwrap_or_else(|e| panic!("exporting carrot-tiny: {e}"));
-        for leaf in ["tokenizer.json", "tokenizer_config.json"] {
-            std::fs::copy(tokenizer.join(leaf), out.join(leaf)).unwrap_or_else(|e| panic!("copying {leaf}: {e}"));
-        }
-        out
-    })
+/// `fixtures/models/NAME` exported (fp32) with the Llama 3 tokenizer.
+fn export(name: &str) -> PathBuf {
+    let root = root();
+    let tokenizer = root.join(".cache/llama3-tokenizer");
+    assert!(tokenizer.join("tokenizer.json").is_file(), "{} is missing: run scripts/setup.sh", tokenizer.display());
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("serve/{name}-fp32"));
+    let plan = carrot_export::pipeline::ExportPlan {
+        model: root.join("fixtures/models").join(name),
+        out: out.clone(),
+        base: None,
+        loras: Vec::new(),
+        vision_tower: None,
+        format: carrot_export::pipeline::WeightFormat::Float(carrot_graphs::config::DType::F32),
+        flavor: "portable".into(),
+        logits: carrot_graphs::llama::Logits::All,
+        force: true,
+        progress: false,
+    };
+    carrot_export::pipeline::export(&plan).unwrap_or_else(|e| panic!("exporting {name}: {e}"));
+    for leaf in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(tokenizer.join(leaf), out.join(leaf)).unwrap_or_else(|e| panic!("copying {leaf}: {e}"));
+    }
+    out
 }
 
-fn load() -> Pipeline {
-    Pipeline::load(model_dir(), &LoadOptions::default()).unwrap_or_else(|e| panic!("loading the export: {e}"))
+/// The Carrot (vision) fixture, exported once per process.
+fn model_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| export("carrot-tiny"))
+}
+
+fn load(dir: &Path) -> Pipeline {
+    Pipeline::load(dir, &LoadOptions::default()).unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()))
 }
 
 /// A server on its own thread and runtime; it stops when the returned sender is dropped.
-fn start(settings: Settings) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
-    let pipeline = load();
+fn start(dir: &Path, settings: Settings) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    let pipeline = load(dir);
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     std::thread::spawn(move || {
@@ -89,7 +89,7 @@ fn start(settings: Settings) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
 /// The server with default settings, shared by the tests of this process.
 fn server() -> SocketAddr {
     static SERVER: OnceLock<(SocketAddr, tokio::sync::oneshot::Sender<()>)> = OnceLock::new();
-    SERVER.get_or_init(|| start(Settings::for_model_dir(model_dir()))).0
+    SERVER.get_or_init(|| start(model_dir(), Settings::for_model_dir(model_dir()))).0
 }
 
 struct HttpResponse {
@@ -176,7 +176,7 @@ fn direct_answer() -> &'static String {
     ANSWER.get_or_init(|| {
         let params = Params { max_new_tokens: Some(16), temperature: Some(0.0), ..Params::default() };
         let prompt = Prompt::Text { text: QUESTION.into(), raw: false };
-        let answer = load()
+        let answer = load(model_dir())
             .generate(&prompt, &[ImageSource::Path(chelsea())], &params, |_| {})
             .unwrap_or_else(|e| panic!("direct generation: {e}"));
         assert_eq!(answer.output.token_ids.len(), 16, "the fixture answer runs to the token limit");
@@ -355,9 +355,38 @@ fn a_request_past_its_deadline_gets_503() {
         limits: Limits { request_timeout: Duration::ZERO, ..Limits::default() },
         ..Settings::for_model_dir(model_dir())
     };
-    let (addr, _stop) = start(settings);
+    let (addr, _stop) = start(model_dir(), settings);
     let body = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4});
     let response = http(addr, "POST", "/v1/chat/completions", Some(&body), &[]);
     assert_eq!(response.status, 503, "{}", response.body);
     assert_eq!(response.json()["error"]["code"], "timeout");
+}
+
+#[test]
+fn a_chat_template_model_takes_system_messages_and_no_images() {
+    let dir = export("llama-base-tiny");
+    let messages = [
+        Message { role: "system".into(), content: "Be brief.".into() },
+        Message { role: "user".into(), content: "Name a colour.".into() },
+    ];
+    let mut pipeline = load(&dir);
+    let ids: Vec<i64> = pipeline.tokenizer.encode_chat(&messages).expect("chat ids").into_iter().map(i64::from).collect();
+    let params = Params { max_new_tokens: Some(8), temperature: Some(0.0), ..Params::default() };
+    let direct = pipeline.generate_ids(&ids, &[], &params, |_| {}).expect("direct generation");
+    drop(pipeline);
+
+    let (addr, _stop) = start(&dir, Settings::for_model_dir(&dir));
+    let body = json!({"messages": messages.iter().map(|m| json!({"role": m.role, "content": m.content})).collect::<Vec<_>>(),
+        "temperature": 0, "max_tokens": 8});
+    let response = http(addr, "POST", "/v1/chat/completions", Some(&body), &[]);
+    assert_eq!(response.status, 200, "{}", response.body);
+    let body = response.json();
+    assert_eq!(content(&body), direct.output.text);
+    assert_eq!(body["usage"]["completion_tokens"], direct.output.token_ids.len());
+    assert_eq!(body["usage"]["prompt_tokens"], ids.len());
+
+    let with_image = image_question(&data_url(&chelsea()), json!({}));
+    let response = http(addr, "POST", "/v1/chat/completions", Some(&with_image), &[]);
+    assert_eq!(response.status, 400, "{}", response.body);
+    assert!(response.body.contains("text-only"), "{}", response.body);
 }
