@@ -24,16 +24,16 @@ CONVERTER="$ROOT/fixtures/smollm2/gguf_to_hf.py"
 say() { echo "fetch-smollm2: $*" >&2; }
 sha() { sha256sum "$1" | cut -d' ' -f1; }
 
-"$PYTHON" -c "import numpy, gguf, safetensors, tokenizers" 2>/dev/null || {
-  say "$PYTHON lacks numpy, gguf, safetensors or tokenizers: use the test venv (scripts/test.sh makes .venv-test) or set PYTHON"
-  exit 1
-}
-
 STAMP="gguf $GGUF_SHA converter $(sha "$CONVERTER")"
 if [[ -f "$OUT/.carrot-source" && "$(cat "$OUT/.carrot-source")" == "$STAMP" && -f "$OUT/model.safetensors" ]]; then
   say "SmolLM2-135M-Instruct already in $OUT"
   exit 0
 fi
+
+"$PYTHON" -c "import numpy, gguf, safetensors, tokenizers" 2>/dev/null || {
+  say "$PYTHON lacks numpy, gguf, safetensors or tokenizers: use the test venv (scripts/test.sh makes .venv-test) or set PYTHON"
+  exit 1
+}
 
 DL="$CACHE/downloads"
 mkdir -p "$DL"

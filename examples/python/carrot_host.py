@@ -32,6 +32,8 @@ class Model:
         major = self.manifest.get("format", "").split(".")[0]
         if major != "carrot/1":
             raise SystemExit(f"{out}/carrot.json: format {self.manifest.get('format')!r}, this host reads carrot/1")
+        if self.manifest.get("kv_cache", "concat") != "concat":
+            raise SystemExit(f"kv_cache {self.manifest['kv_cache']!r}: this host feeds present.* back as past (concat)")
         act = self.manifest["activation_dtype"]
         if act not in ACTIVATION_DTYPES:
             raise SystemExit(f"activation dtype {act} is not supported by this host (float32, float16)")

@@ -305,13 +305,15 @@ impl Checkpoint {
                             path: path.clone(),
                             message: format!("tensor `{key}` lies outside the file"),
                         })?;
-                bytes_to_f32(bytes, &info.dtype).ok_or_else(|| {
+                let converted = bytes_to_f32(bytes, &info.dtype).ok_or_else(|| {
                     CheckpointError::UnsupportedDtype {
                         path: path.clone(),
                         key: key.to_string(),
                         dtype: info.dtype.clone(),
                     }
-                })?
+                })?;
+                release_pages(&file.mmap, start, end);
+                converted
             }
             FileKind::TorchBin => {
                 if self
@@ -563,5 +565,17 @@ mod tests {
             err.contains("model.safetensors: not a valid safetensors file"),
             "{err}"
         );
+    }
+}
+
+/// Drop the mapped pages of a tensor once it has been converted, so resident memory stays at
+/// about one tensor however large the checkpoint is (mapped file pages count as resident).
+fn release_pages(mmap: &Mmap, start: usize, end: usize) {
+    const PAGE: usize = 4096;
+    let aligned = start & !(PAGE - 1);
+    if end > aligned {
+        // SAFETY: the mapping is read-only and file-backed, and no reference into this range
+        // outlives the conversion above; discarded pages are read again from the file if touched.
+        let _ = unsafe { mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, aligned, end - aligned) };
     }
 }

@@ -357,7 +357,10 @@ impl LoraAdapter {
 
     /// Bytes of adapter tensors read when merging into `key` (a `.weight` or `.bias` name).
     pub fn bytes_for(&self, key: &str) -> usize {
-        match key.strip_suffix(".weight").and_then(|module| self.modules.get(module)) {
+        match key
+            .strip_suffix(".weight")
+            .and_then(|module| self.modules.get(module))
+        {
             Some(m) => self.module_bytes(m),
             None => 0,
         }
@@ -402,6 +405,79 @@ mod tests {
                 "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"
             ),
             None
+        );
+    }
+
+    fn write_adapter(dir: &Path, config: &str, tensors: &[(&str, Vec<usize>, Vec<f32>)]) {
+        std::fs::write(dir.join("adapter_config.json"), config).expect("config");
+        let bytes: Vec<Vec<u8>> = tensors
+            .iter()
+            .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+            .collect();
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+            .iter()
+            .zip(&bytes)
+            .map(|((name, shape, _), b)| {
+                let view =
+                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b);
+                (name.to_string(), view.expect("view"))
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, &dir.join("adapter_model.safetensors"))
+            .expect("write");
+    }
+
+    #[test]
+    fn lora_bias_is_merged_into_the_base_bias() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let config = r#"{"peft_type": "LORA", "r": 1, "lora_alpha": 2, "lora_bias": true}"#;
+        let a = (
+            "base_model.model.proj.lora_A.weight",
+            vec![1, 2],
+            vec![1.0, 2.0],
+        );
+        let b = (
+            "base_model.model.proj.lora_B.weight",
+            vec![2, 1],
+            vec![0.5, -1.0],
+        );
+        let bias = (
+            "base_model.model.proj.lora_B.bias",
+            vec![2],
+            vec![0.25, 4.0],
+        );
+        write_adapter(tmp.path(), config, &[a.clone(), b.clone(), bias]);
+        let mut adapter = LoraAdapter::open(tmp.path()).expect("open");
+        let mut w = vec![0.0f32; 4];
+        assert!(
+            adapter
+                .merge("proj.weight", &mut w, &[2, 2])
+                .expect("merge")
+        );
+        assert_eq!(w, [1.0, 2.0, -2.0, -4.0]);
+        let mut base_bias = vec![1.0f32, 1.0];
+        assert!(
+            adapter
+                .merge_bias("proj.bias", &mut base_bias)
+                .expect("bias")
+        );
+        assert_eq!(base_bias, [1.5, 9.0]);
+        let err = adapter
+            .check_targets(|k| (k == "proj.weight").then(|| vec![2, 2]))
+            .expect_err("no bias");
+        assert!(
+            err.to_string()
+                .contains("`proj.bias`, which is not in the model"),
+            "{err}"
+        );
+
+        write_adapter(tmp.path(), config, &[a, b]);
+        let err = LoraAdapter::open(tmp.path())
+            .expect_err("bias missing")
+            .to_string();
+        assert!(
+            err.contains("module `proj` has lora_bias: true but no lora_B.bias"),
+            "{err}"
         );
     }
 }

@@ -191,8 +191,9 @@ impl GraphBuilder {
         }
     }
 
+    /// Enter a scope; `s` may hold several `/`-separated parts and may start with `/`.
     pub fn push_scope(&mut self, s: &str) {
-        self.scope.push(s.to_owned());
+        self.scope.push(s.trim_matches('/').to_owned());
     }
 
     pub fn pop_scope(&mut self) {

@@ -102,11 +102,10 @@ pub fn build_decoder(ctx: &mut Ctx<'_>, cfg: &TextConfig, inv_freq: &[f32], logi
 
     let shared = shared_inputs(ctx, cfg, inv_freq, &embeds, &mask, &positions)?;
     let mut x = embeds;
+    let mut presents = Vec::with_capacity(cfg.num_layers);
     for (i, (pk, pv)) in pasts.iter().enumerate() {
         let (y, present_k, present_v) = decoder_layer(ctx, cfg, i, &x, pk, pv, &shared)?;
-        let dims = [b.clone(), kvh.clone(), total.clone(), hd.clone()];
-        ctx.b.output(&present_k, elem, &dims)?;
-        ctx.b.output(&present_v, elem, &dims)?;
+        presents.push((present_k, present_v));
         x = y;
     }
 
@@ -144,7 +143,13 @@ pub fn build_decoder(ctx: &mut Ctx<'_>, cfg: &TextConfig, inv_freq: &[f32], logi
         Logits::All => s.clone(),
         Logits::Last => Dim::Fixed(1),
     };
-    ctx.b.output(&out?, ElemType::F32, &[b, seq_dim, Dim::Fixed(vocab as i64)])?;
+    ctx.b.output(&out?, ElemType::F32, &[b.clone(), seq_dim, Dim::Fixed(vocab as i64)])?;
+    // Outputs in contract order: logits, then present.{i}.key / present.{i}.value.
+    for (present_k, present_v) in &presents {
+        let dims = [b.clone(), kvh.clone(), total.clone(), hd.clone()];
+        ctx.b.output(present_k, elem, &dims)?;
+        ctx.b.output(present_v, elem, &dims)?;
+    }
     Ok(())
 }
 

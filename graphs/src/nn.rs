@@ -149,31 +149,50 @@ pub fn layer_norm(ctx: &mut Ctx<'_>, scope: &str, key: &str, x: &Value, dim: usi
     result
 }
 
-/// Exact GELU: `0.5 · x · (1 + erf(x / √2))` (PyTorch `nn.GELU()`).
-pub fn gelu_erf(ctx: &mut Ctx<'_>, scope: &str, x: &Value) -> Result<Value> {
+/// A float32 scalar constant.
+fn scalar_f32(ctx: &mut Ctx<'_>, name: &str, value: f64) -> Result<Value> {
+    Ok(ctx.b.const_scalar(name, ElemType::F32, value)?)
+}
+
+/// Run an elementwise activation in float32 (PyTorch computes half-precision activations in
+/// float32 internally), casting around it in fp16/bf16 graphs.
+fn activation_f32(
+    ctx: &mut Ctx<'_>,
+    scope: &str,
+    x: &Value,
+    body: impl FnOnce(&mut Ctx<'_>, &Value) -> Result<Value>,
+) -> Result<Value> {
     ctx.b.push_scope(scope);
     let result = (|| {
-        let inv_sqrt2 = ctx.scalar("inv_sqrt2", std::f64::consts::FRAC_1_SQRT_2)?;
-        let half = ctx.scalar("half", 0.5)?;
-        let one = ctx.scalar("one", 1.0)?;
-        let t = ctx.b.mul("Mul", x, &inv_sqrt2)?;
-        let e = ctx.b.erf("Erf", &t)?;
-        let e1 = ctx.b.add("Add", &e, &one)?;
-        let hx = ctx.b.mul("Mul_1", x, &half)?;
-        Ok(ctx.b.mul("Mul_2", &hx, &e1)?)
+        let x32 = ctx.to_f32("Cast", x)?;
+        let y = body(ctx, &x32)?;
+        ctx.from_f32("Cast_1", &y)
     })();
     ctx.b.pop_scope();
     result
 }
 
+/// Exact GELU: `0.5 · x · (1 + erf(x / √2))` (PyTorch `nn.GELU()`).
+pub fn gelu_erf(ctx: &mut Ctx<'_>, scope: &str, x: &Value) -> Result<Value> {
+    activation_f32(ctx, scope, x, |ctx, x| {
+        let inv_sqrt2 = scalar_f32(ctx, "inv_sqrt2", std::f64::consts::FRAC_1_SQRT_2)?;
+        let half = scalar_f32(ctx, "half", 0.5)?;
+        let one = scalar_f32(ctx, "one", 1.0)?;
+        let t = ctx.b.mul("Mul", x, &inv_sqrt2)?;
+        let e = ctx.b.erf("Erf", &t)?;
+        let e1 = ctx.b.add("Add", &e, &one)?;
+        let hx = ctx.b.mul("Mul_1", x, &half)?;
+        Ok(ctx.b.mul("Mul_2", &hx, &e1)?)
+    })
+}
+
 /// Tanh-approximate GELU: `0.5 · x · (1 + tanh(√(2/π) · (x + 0.044715 x³)))` (`gelu_pytorch_tanh`).
 pub fn gelu_tanh(ctx: &mut Ctx<'_>, scope: &str, x: &Value) -> Result<Value> {
-    ctx.b.push_scope(scope);
-    let result = (|| {
-        let c = ctx.scalar("sqrt_2_over_pi", (2.0 / std::f64::consts::PI).sqrt())?;
-        let k = ctx.scalar("coeff", 0.044715)?;
-        let half = ctx.scalar("half", 0.5)?;
-        let one = ctx.scalar("one", 1.0)?;
+    activation_f32(ctx, scope, x, |ctx, x| {
+        let c = scalar_f32(ctx, "sqrt_2_over_pi", (2.0 / std::f64::consts::PI).sqrt())?;
+        let k = scalar_f32(ctx, "coeff", 0.044715)?;
+        let half = scalar_f32(ctx, "half", 0.5)?;
+        let one = scalar_f32(ctx, "one", 1.0)?;
         let x2 = ctx.b.mul("Mul", x, x)?;
         let x3 = ctx.b.mul("Mul_1", &x2, x)?;
         let kx3 = ctx.b.mul("Mul_2", &x3, &k)?;
@@ -183,33 +202,25 @@ pub fn gelu_tanh(ctx: &mut Ctx<'_>, scope: &str, x: &Value) -> Result<Value> {
         let t1 = ctx.b.add("Add_1", &t, &one)?;
         let hx = ctx.b.mul("Mul_4", x, &half)?;
         Ok(ctx.b.mul("Mul_5", &hx, &t1)?)
-    })();
-    ctx.b.pop_scope();
-    result
+    })
 }
 
 /// `x · sigmoid(1.702 x)` (`quick_gelu`).
 pub fn quick_gelu(ctx: &mut Ctx<'_>, scope: &str, x: &Value) -> Result<Value> {
-    ctx.b.push_scope(scope);
-    let result = (|| {
-        let k = ctx.scalar("coeff", 1.702)?;
+    activation_f32(ctx, scope, x, |ctx, x| {
+        let k = scalar_f32(ctx, "coeff", 1.702)?;
         let kx = ctx.b.mul("Mul", x, &k)?;
         let s = ctx.b.sigmoid("Sigmoid", &kx)?;
         Ok(ctx.b.mul("Mul_1", x, &s)?)
-    })();
-    ctx.b.pop_scope();
-    result
+    })
 }
 
 /// `silu(x) = x · sigmoid(x)`.
 pub fn silu(ctx: &mut Ctx<'_>, scope: &str, x: &Value) -> Result<Value> {
-    ctx.b.push_scope(scope);
-    let result = (|| {
+    activation_f32(ctx, scope, x, |ctx, x| {
         let s = ctx.b.sigmoid("Sigmoid", x)?;
         Ok(ctx.b.mul("Mul", x, &s)?)
-    })();
-    ctx.b.pop_scope();
-    result
+    })
 }
 
 /// Softmax over the last axis in float32, then back to the activation dtype, as eager attention

@@ -17,16 +17,28 @@ const PREFIX: &str = "vision_model";
 pub fn embeddings(ctx: &mut Ctx<'_>, cfg: &VisionConfig, pixel_values: &Value) -> Result<Value> {
     let (h, c, p) = (cfg.hidden_size, cfg.num_channels, cfg.patch_size);
     let n = cfg.num_image_tokens();
-    let w = ctx.param(&format!("{PREFIX}.embeddings.patch_embedding.weight"), &[h, c, p, p])?;
-    let bias = ctx.param(&format!("{PREFIX}.embeddings.patch_embedding.bias"), &[h])?;
+    // ONNX `Conv` has no bfloat16 kernel type: a bf16 graph runs the patch embedding in float32.
+    let conv_f32 = ctx.dtype == crate::config::DType::BF16;
+    let (w, bias) = if conv_f32 {
+        (
+            ctx.param_f32(&format!("{PREFIX}.embeddings.patch_embedding.weight"), &[h, c, p, p])?,
+            ctx.param_f32(&format!("{PREFIX}.embeddings.patch_embedding.bias"), &[h])?,
+        )
+    } else {
+        (
+            ctx.param(&format!("{PREFIX}.embeddings.patch_embedding.weight"), &[h, c, p, p])?,
+            ctx.param(&format!("{PREFIX}.embeddings.patch_embedding.bias"), &[h])?,
+        )
+    };
     let pos = ctx.param(&format!("{PREFIX}.embeddings.position_embedding.weight"), &[n, h])?;
     ctx.b.push_scope("/vision/embeddings");
     let result = (|| {
-        let x = ctx.from_f32("Cast", pixel_values)?;
+        let x = if conv_f32 { pixel_values.clone() } else { ctx.from_f32("Cast", pixel_values)? };
         ctx.b.push_scope("patch_embedding");
         let x = ctx.b.conv("Conv", &x, &w, Some(&bias), &[p as i64, p as i64], &[p as i64, p as i64]);
         ctx.b.pop_scope();
         let x = x?;
+        let x = if conv_f32 { ctx.from_f32("Cast", &x)? } else { x };
         let shape = ctx.b.const_i64("flatten_shape", &[0, h as i64, -1])?;
         let x = ctx.b.reshape("Reshape", &x, &shape)?;
         let x = ctx.b.transpose("Transpose", &x, &[0, 2, 1])?;

@@ -34,6 +34,8 @@ pub enum EngineError {
     Interface { graph: String, kind: &'static str, name: String },
     #[error("this model has no vision graph; it cannot take images")]
     NoVision,
+    #[error("{0}")]
+    Unsupported(String),
     #[error("{what}: {reason}")]
     Run { what: String, reason: String },
 }
@@ -205,6 +207,13 @@ impl Engine {
         crate::ort_lib::init(opts.ort_lib.as_deref())?;
         let device = crate::providers::resolve(&opts.device)?;
         let act = ActDType::from_manifest(&manifest.activation_dtype);
+        if act == ActDType::BF16 && device == Device::Cpu {
+            return Err(EngineError::Unsupported(format!(
+                "{}: bf16 graphs need a GPU device (cuda or tensorrt); ONNX Runtime's CPU provider has no \
+                 bfloat16 kernels. Export with --dtype fp32 or fp16 to run on the CPU",
+                dir.display()
+            )));
+        }
         let open = |file: &str| -> Result<Session, EngineError> {
             let path = dir.join(file);
             if !path.is_file() {

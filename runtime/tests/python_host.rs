@@ -2,7 +2,8 @@
 //! `carrot.json` alone. Its greedy tokens must equal `carrot`'s (the `Pipeline`) and the
 //! transformers goldens in `fixtures/goldens/generate.json`, for an image question (Bunny
 //! template, vision graph, spliced features) and text questions (Bunny template without an image,
-//! and a plain Llama checkpoint's own chat template).
+//! and a plain Llama checkpoint's own chat template). carrot-tiny is exported with logits for every
+//! position, llama-base-tiny with the last position only (`carrot-export`'s default).
 //!
 //! The interpreter is `$CARROT_PYTHON` (default `python3`) with the packages of
 //! `tests/python/requirements.txt`; `CARROT_SKIP_PYTHON=1` skips these tests with a note.
@@ -57,8 +58,12 @@ impl Record {
 fn golden(name: &str) -> Record {
     let path = workspace().join("fixtures/goldens/generate.json");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut goldens: Goldens = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    goldens.records.remove(name).unwrap_or_else(|| panic!("{}: no record {name}", path.display()))
+    let mut goldens: Goldens =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    goldens
+        .records
+        .remove(name)
+        .unwrap_or_else(|| panic!("{}: no record {name}", path.display()))
 }
 
 /// The interpreter for the host, or `None` when `CARROT_SKIP_PYTHON=1`.
@@ -67,12 +72,20 @@ fn python() -> Option<PathBuf> {
         eprintln!("skipping the Python host: CARROT_SKIP_PYTHON=1");
         return None;
     }
-    let python =
-        std::env::var_os("CARROT_PYTHON").filter(|p| !p.is_empty()).map_or_else(|| PathBuf::from("python3"), PathBuf::from);
-    let probe = Command::new(&python).args(["-c", "import onnxruntime, tokenizers, numpy, PIL, jinja2"]).output();
+    let python = std::env::var_os("CARROT_PYTHON")
+        .filter(|p| !p.is_empty())
+        .map_or_else(|| PathBuf::from("python3"), PathBuf::from);
+    let probe = Command::new(&python)
+        .args(["-c", "import onnxruntime, tokenizers, numpy, PIL, jinja2"])
+        .output();
     let why = match probe {
         Ok(out) if out.status.success() => return Some(python),
-        Ok(out) => String::from_utf8_lossy(&out.stderr).lines().rfind(|l| !l.trim().is_empty()).unwrap_or("").trim().to_owned(),
+        Ok(out) => String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .rfind(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .trim()
+            .to_owned(),
         Err(e) => e.to_string(),
     };
     panic!(
@@ -85,7 +98,7 @@ fn python() -> Option<PathBuf> {
 
 /// Export `fixtures/models/NAME` (fp32) into a temporary directory and put the Llama 3
 /// tokenizer (`.cache/llama3-tokenizer`, from `scripts/setup.sh`) next to it.
-fn export_fixture(name: &str) -> (tempfile::TempDir, PathBuf) {
+fn export_fixture(name: &str, logits: Logits) -> (tempfile::TempDir, PathBuf) {
     let tokenizer = carrot_runtime::ort_lib::cache_dirs()
         .into_iter()
         .map(|d| d.join("llama3-tokenizer"))
@@ -101,13 +114,14 @@ fn export_fixture(name: &str) -> (tempfile::TempDir, PathBuf) {
         vision_tower: None,
         format: WeightFormat::Float(DType::F32),
         flavor: "portable".into(),
-        logits: Logits::All,
+        logits,
         force: false,
         progress: false,
     };
     export(&plan).unwrap_or_else(|e| panic!("exporting {name}: {e}"));
     for leaf in ["tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(tokenizer.join(leaf), out.join(leaf)).unwrap_or_else(|e| panic!("copying {leaf}: {e}"));
+        std::fs::copy(tokenizer.join(leaf), out.join(leaf))
+            .unwrap_or_else(|e| panic!("copying {leaf}: {e}"));
     }
     (tmp, out)
 }
@@ -125,16 +139,32 @@ struct HostOutput {
 fn run_host(python: &Path, model: &Path, record: &Record) -> HostOutput {
     let script = workspace().join("examples/python/carrot_host.py");
     let mut cmd = Command::new(python);
-    cmd.arg(&script).arg("--model").arg(model).args(["--prompt", record.prompt()]);
-    cmd.args(["--max-new-tokens", &record.output_ids.len().to_string(), "--json"]);
+    cmd.arg(&script)
+        .arg("--model")
+        .arg(model)
+        .args(["--prompt", record.prompt()]);
+    cmd.args([
+        "--max-new-tokens",
+        &record.output_ids.len().to_string(),
+        "--json",
+    ]);
     if let Some(image) = &record.image {
-        cmd.arg("--image").arg(workspace().join("fixtures/images").join(image));
+        cmd.arg("--image")
+            .arg(workspace().join("fixtures/images").join(image));
     }
-    let out = cmd.output().unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{} failed ({}):\n{stderr}", script.display(), out.status);
+    assert!(
+        out.status.success(),
+        "{} failed ({}):\n{stderr}",
+        script.display(),
+        out.status
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("host output is not the JSON object ({e}):\n{stdout}\n{stderr}"))
+    serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("host output is not the JSON object ({e}):\n{stdout}\n{stderr}"))
 }
 
 /// Run `record` through the Python host and through `Pipeline`, and compare both with the golden.
@@ -142,30 +172,57 @@ fn check(python: &Path, pipeline: &mut Pipeline, model: &Path, name: &str) {
     let record = golden(name);
     let host = run_host(python, model, &record);
 
-    let images: Vec<ImageSource> =
-        record.image.iter().map(|i| ImageSource::Path(workspace().join("fixtures/images").join(i))).collect();
+    let images: Vec<ImageSource> = record
+        .image
+        .iter()
+        .map(|i| ImageSource::Path(workspace().join("fixtures/images").join(i)))
+        .collect();
     let params = Params {
         max_new_tokens: Some(record.output_ids.len()),
         temperature: Some(0.0),
         ..Params::default()
     };
-    let prompt = Prompt::Text { text: record.prompt().to_owned(), raw: false };
-    let answer = pipeline.generate(&prompt, &images, &params, |_| {}).unwrap_or_else(|e| panic!("{name}: carrot: {e}"));
+    let prompt = Prompt::Text {
+        text: record.prompt().to_owned(),
+        raw: false,
+    };
+    let answer = pipeline
+        .generate(&prompt, &images, &params, |_| {})
+        .unwrap_or_else(|e| panic!("{name}: carrot: {e}"));
 
-    assert_eq!(host.prompt_ids, record.input_ids, "{name}: Python host prompt ids vs the golden input_ids");
-    assert_eq!(answer.prompt_ids, record.input_ids, "{name}: carrot prompt ids vs the golden input_ids");
-    assert_eq!(host.token_ids, answer.output.token_ids, "{name}: Python host tokens vs carrot's");
-    assert_eq!(host.token_ids, record.output_ids, "{name}: Python host tokens vs the transformers golden");
-    assert_eq!(host.prompt_tokens, answer.output.prompt_tokens, "{name}: prompt positions");
+    assert_eq!(
+        host.prompt_ids, record.input_ids,
+        "{name}: Python host prompt ids vs the golden input_ids"
+    );
+    assert_eq!(
+        answer.prompt_ids, record.input_ids,
+        "{name}: carrot prompt ids vs the golden input_ids"
+    );
+    assert_eq!(
+        host.token_ids, answer.output.token_ids,
+        "{name}: Python host tokens vs carrot's"
+    );
+    assert_eq!(
+        host.token_ids, record.output_ids,
+        "{name}: Python host tokens vs the transformers golden"
+    );
+    assert_eq!(
+        host.prompt_tokens, answer.output.prompt_tokens,
+        "{name}: prompt positions"
+    );
     assert_eq!(host.generated_tokens, host.token_ids.len());
-    assert_eq!(host.finish_reason, answer.output.finish_reason.as_str(), "{name}: finish_reason");
+    assert_eq!(
+        host.finish_reason,
+        answer.output.finish_reason.as_str(),
+        "{name}: finish_reason"
+    );
     assert_eq!(host.text, answer.output.text, "{name}: decoded text");
 }
 
 #[test]
 fn python_host_matches_carrot_on_carrot_tiny() {
     let Some(python) = python() else { return };
-    let (_tmp, out) = export_fixture("carrot-tiny");
+    let (_tmp, out) = export_fixture("carrot-tiny", Logits::All);
     let mut pipeline = Pipeline::load(&out, &LoadOptions::default()).expect("loading the export");
     check(&python, &mut pipeline, &out, "carrot_image");
     check(&python, &mut pipeline, &out, "carrot_text");
@@ -174,8 +231,11 @@ fn python_host_matches_carrot_on_carrot_tiny() {
 #[test]
 fn python_host_matches_carrot_with_a_chat_template() {
     let Some(python) = python() else { return };
-    let (_tmp, out) = export_fixture("llama-base-tiny");
-    assert!(out.join("chat_template.jinja").is_file(), "the export should carry the checkpoint's chat template");
+    let (_tmp, out) = export_fixture("llama-base-tiny", Logits::Last);
+    assert!(
+        out.join("chat_template.jinja").is_file(),
+        "the export should carry the checkpoint's chat template"
+    );
     let mut pipeline = Pipeline::load(&out, &LoadOptions::default()).expect("loading the export");
     check(&python, &mut pipeline, &out, "llama_chat");
 }

@@ -18,7 +18,10 @@ use serde_json::{Value, json};
 const QUESTION: &str = "What is in this picture?";
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
 }
 
 fn chelsea() -> PathBuf {
@@ -29,7 +32,11 @@ fn chelsea() -> PathBuf {
 fn export(name: &str) -> PathBuf {
     let root = root();
     let tokenizer = root.join(".cache/llama3-tokenizer");
-    assert!(tokenizer.join("tokenizer.json").is_file(), "{} is missing: run scripts/setup.sh", tokenizer.display());
+    assert!(
+        tokenizer.join("tokenizer.json").is_file(),
+        "{} is missing: run scripts/setup.sh",
+        tokenizer.display()
+    );
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("serve/{name}-fp32"));
     let plan = carrot_export::pipeline::ExportPlan {
         model: root.join("fixtures/models").join(name),
@@ -45,7 +52,8 @@ fn export(name: &str) -> PathBuf {
     };
     carrot_export::pipeline::export(&plan).unwrap_or_else(|e| panic!("exporting {name}: {e}"));
     for leaf in ["tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(tokenizer.join(leaf), out.join(leaf)).unwrap_or_else(|e| panic!("copying {leaf}: {e}"));
+        std::fs::copy(tokenizer.join(leaf), out.join(leaf))
+            .unwrap_or_else(|e| panic!("copying {leaf}: {e}"));
     }
     out
 }
@@ -57,7 +65,8 @@ fn model_dir() -> &'static Path {
 }
 
 fn load(dir: &Path) -> Pipeline {
-    Pipeline::load(dir, &LoadOptions::default()).unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()))
+    Pipeline::load(dir, &LoadOptions::default())
+        .unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()))
 }
 
 /// A server on its own thread and runtime; it stops when the returned sender is dropped.
@@ -73,7 +82,9 @@ fn start(dir: &Path, settings: Settings) -> (SocketAddr, tokio::sync::oneshot::S
             .expect("tokio runtime");
         runtime.block_on(async move {
             let listener = serve::listen("127.0.0.1", 0, false).await.expect("listen");
-            addr_tx.send(listener.local_addr().expect("address")).expect("report address");
+            addr_tx
+                .send(listener.local_addr().expect("address"))
+                .expect("report address");
             let (router, worker) = serve::router(pipeline, settings).expect("router");
             serve::serve(listener, router, async {
                 let _ = stop_rx.await;
@@ -83,13 +94,20 @@ fn start(dir: &Path, settings: Settings) -> (SocketAddr, tokio::sync::oneshot::S
             worker.join();
         });
     });
-    (addr_rx.recv_timeout(Duration::from_secs(60)).expect("server address"), stop_tx)
+    (
+        addr_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("server address"),
+        stop_tx,
+    )
 }
 
 /// The server with default settings, shared by the tests of this process.
 fn server() -> SocketAddr {
     static SERVER: OnceLock<(SocketAddr, tokio::sync::oneshot::Sender<()>)> = OnceLock::new();
-    SERVER.get_or_init(|| start(model_dir(), Settings::for_model_dir(model_dir()))).0
+    SERVER
+        .get_or_init(|| start(model_dir(), Settings::for_model_dir(model_dir())))
+        .0
 }
 
 struct HttpResponse {
@@ -105,12 +123,26 @@ impl HttpResponse {
 }
 
 /// One HTTP/1.1 request with `Connection: close`, read to the end (chunked bodies de-chunked).
-fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>, extra_headers: &[(&str, &str)]) -> HttpResponse {
+fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+    extra_headers: &[(&str, &str)],
+) -> HttpResponse {
     let body = body.map(Value::to_string).unwrap_or_default();
     let mut stream = TcpStream::connect(addr).expect("connect");
-    stream.set_read_timeout(Some(Duration::from_secs(120))).expect("timeout");
-    let mut request = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
-    if !extra_headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .expect("timeout");
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if !extra_headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("host"))
+    {
         request.push_str(&format!("Host: {addr}\r\n"));
     }
     if !body.is_empty() {
@@ -126,10 +158,24 @@ fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>, extra_
     stream.read_to_end(&mut raw).expect("read");
     let text = String::from_utf8(raw).expect("UTF-8 response");
     let (head, rest) = text.split_once("\r\n\r\n").expect("header end");
-    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status");
-    let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
-    let body = if chunked { dechunk(rest) } else { rest.to_owned() };
-    HttpResponse { status, headers: head.to_owned(), body }
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status");
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    let body = if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_owned()
+    };
+    HttpResponse {
+        status,
+        headers: head.to_owned(),
+        body,
+    }
 }
 
 fn dechunk(mut rest: &str) -> String {
@@ -151,7 +197,10 @@ fn post(body: &Value) -> HttpResponse {
 
 fn data_url(path: &Path) -> String {
     let bytes = std::fs::read(path).expect("image");
-    format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(bytes))
+    format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    )
 }
 
 fn image_question(url: &str, extra: Value) -> Value {
@@ -174,25 +223,41 @@ fn image_question(url: &str, extra: Value) -> Value {
 fn direct_answer() -> &'static String {
     static ANSWER: OnceLock<String> = OnceLock::new();
     ANSWER.get_or_init(|| {
-        let params = Params { max_new_tokens: Some(16), temperature: Some(0.0), ..Params::default() };
-        let prompt = Prompt::Text { text: QUESTION.into(), raw: false };
+        let params = Params {
+            max_new_tokens: Some(16),
+            temperature: Some(0.0),
+            ..Params::default()
+        };
+        let prompt = Prompt::Text {
+            text: QUESTION.into(),
+            raw: false,
+        };
         let answer = load(model_dir())
             .generate(&prompt, &[ImageSource::Path(chelsea())], &params, |_| {})
             .unwrap_or_else(|e| panic!("direct generation: {e}"));
-        assert_eq!(answer.output.token_ids.len(), 16, "the fixture answer runs to the token limit");
+        assert_eq!(
+            answer.output.token_ids.len(),
+            16,
+            "the fixture answer runs to the token limit"
+        );
         answer.output.text
     })
 }
 
 fn content(response: &Value) -> &str {
-    response["choices"][0]["message"]["content"].as_str().expect("content")
+    response["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content")
 }
 
 #[test]
 fn health_names_the_model() {
     let response = http(server(), "GET", "/health", None, &[]);
     assert_eq!(response.status, 200, "{}", response.body);
-    assert_eq!(response.json(), json!({"status": "ok", "model": "carrot-tiny-fp32"}));
+    assert_eq!(
+        response.json(),
+        json!({"status": "ok", "model": "carrot-tiny-fp32"})
+    );
 }
 
 #[test]
@@ -202,7 +267,12 @@ fn greedy_completion_equals_the_pipeline() {
     let body = response.json();
     assert_eq!(body["object"], "chat.completion");
     assert_eq!(body["model"], "carrot-tiny-fp32");
-    assert!(body["id"].as_str().is_some_and(|id| id.starts_with("chatcmpl-")), "{body}");
+    assert!(
+        body["id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("chatcmpl-")),
+        "{body}"
+    );
     assert!(body["created"].as_u64().is_some(), "{body}");
     assert_eq!(body["choices"][0]["message"]["role"], "assistant");
     assert_eq!(content(&body), direct_answer());
@@ -216,16 +286,29 @@ fn greedy_completion_equals_the_pipeline() {
 #[test]
 fn a_file_url_gives_the_same_answer_as_a_data_url() {
     let url = format!("file://{}", chelsea().display());
-    let response = post(&image_question(&url, json!({"max_completion_tokens": 16, "max_tokens": 3})));
+    let response = post(&image_question(
+        &url,
+        json!({"max_completion_tokens": 16, "max_tokens": 3}),
+    ));
     assert_eq!(response.status, 200, "{}", response.body);
     assert_eq!(content(&response.json()), direct_answer());
 }
 
 #[test]
 fn streamed_chunks_add_up_to_the_answer() {
-    let response = post(&image_question(&data_url(&chelsea()), json!({"stream": true, "stream_options": {"include_usage": true}})));
+    let response = post(&image_question(
+        &data_url(&chelsea()),
+        json!({"stream": true, "stream_options": {"include_usage": true}}),
+    ));
     assert_eq!(response.status, 200, "{}", response.body);
-    assert!(response.headers.to_ascii_lowercase().contains("content-type: text/event-stream"), "{}", response.headers);
+    assert!(
+        response
+            .headers
+            .to_ascii_lowercase()
+            .contains("content-type: text/event-stream"),
+        "{}",
+        response.headers
+    );
     let data: Vec<&str> = response
         .body
         .split("\n\n")
@@ -236,8 +319,16 @@ fn streamed_chunks_add_up_to_the_answer() {
         .iter()
         .map(|d| serde_json::from_str(d).unwrap_or_else(|e| panic!("{e}: {d}")))
         .collect();
-    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"), "{chunks:?}");
-    assert!(chunks.iter().all(|c| c["id"] == chunks[0]["id"]), "one id for all chunks");
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c["object"] == "chat.completion.chunk"),
+        "{chunks:?}"
+    );
+    assert!(
+        chunks.iter().all(|c| c["id"] == chunks[0]["id"]),
+        "one id for all chunks"
+    );
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     let text: String = chunks
         .iter()
@@ -259,11 +350,16 @@ fn a_stop_string_ends_and_trims_the_answer() {
     let full = direct_answer();
     let chars: Vec<(usize, char)> = full.char_indices().collect();
     let (start, _) = chars[chars.len() / 2];
-    let end = chars.get(chars.len() / 2 + 2).map_or(full.len(), |&(i, _)| i);
+    let end = chars
+        .get(chars.len() / 2 + 2)
+        .map_or(full.len(), |&(i, _)| i);
     let stop = &full[start..end];
     let expected = &full[..full.find(stop).expect("stop string in the answer")];
     for stream in [false, true] {
-        let response = post(&image_question(&data_url(&chelsea()), json!({"stop": [stop], "stream": stream})));
+        let response = post(&image_question(
+            &data_url(&chelsea()),
+            json!({"stop": [stop], "stream": stream}),
+        ));
         assert_eq!(response.status, 200, "{}", response.body);
         let (text, finish) = if stream {
             let chunks: Vec<Value> = response
@@ -273,12 +369,22 @@ fn a_stop_string_ends_and_trims_the_answer() {
                 .filter(|d| *d != "[DONE]")
                 .map(|d| serde_json::from_str(d).expect("chunk"))
                 .collect();
-            let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
-            let finish = chunks.iter().rev().map(|c| c["choices"][0]["finish_reason"].clone()).find(|f| !f.is_null());
+            let text: String = chunks
+                .iter()
+                .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+                .collect();
+            let finish = chunks
+                .iter()
+                .rev()
+                .map(|c| c["choices"][0]["finish_reason"].clone())
+                .find(|f| !f.is_null());
             (text, finish.unwrap_or(Value::Null))
         } else {
             let body = response.json();
-            (content(&body).to_owned(), body["choices"][0]["finish_reason"].clone())
+            (
+                content(&body).to_owned(),
+                body["choices"][0]["finish_reason"].clone(),
+            )
         };
         assert_eq!(text, expected, "stop {stop:?}, stream {stream}");
         assert_eq!(finish, "stop", "stream {stream}");
@@ -290,7 +396,10 @@ fn assert_400(body: Value, needle: &str) {
     assert_eq!(response.status, 400, "{body}: {}", response.body);
     let error = &response.json()["error"];
     let message = error["message"].as_str().unwrap_or_default();
-    assert!(message.contains(needle), "{body}: message {message:?} lacks {needle:?}");
+    assert!(
+        message.contains(needle),
+        "{body}: message {message:?} lacks {needle:?}"
+    );
     assert_eq!(error["type"], "invalid_request_error", "{error}");
     assert!(error.get("code").is_some(), "{error}");
 }
@@ -299,14 +408,38 @@ fn assert_400(body: Value, needle: &str) {
 fn bad_requests_are_refused_with_a_message() {
     assert_400(json!({"model": "m"}), "messages");
     assert_400(json!({"messages": []}), "at least one message");
-    assert_400(json!({"messages": [{"role": "tool", "content": "x"}]}), "role `tool`");
-    assert_400(json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}), "max_tokens");
-    assert_400(json!({"messages": [{"role": "user", "content": "hi"}], "n": 2}), "`n` = 2");
-    assert_400(image_question("data:image/png;base64,not*base64", json!({})), "invalid base64");
-    assert_400(image_question("data:image/png;base64,aGVsbG8=", json!({})), "cannot decode image");
-    assert_400(image_question("http://example.com/cat.png", json!({})), "never fetches");
-    assert_400(image_question("https://example.com/cat.png", json!({})), "never fetches");
-    assert_400(image_question("file:///nonexistent/cat.png", json!({})), "/nonexistent/cat.png");
+    assert_400(
+        json!({"messages": [{"role": "tool", "content": "x"}]}),
+        "role `tool`",
+    );
+    assert_400(
+        json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}),
+        "max_tokens",
+    );
+    assert_400(
+        json!({"messages": [{"role": "user", "content": "hi"}], "n": 2}),
+        "`n` = 2",
+    );
+    assert_400(
+        image_question("data:image/png;base64,not*base64", json!({})),
+        "invalid base64",
+    );
+    assert_400(
+        image_question("data:image/png;base64,aGVsbG8=", json!({})),
+        "cannot decode image",
+    );
+    assert_400(
+        image_question("http://example.com/cat.png", json!({})),
+        "never fetches",
+    );
+    assert_400(
+        image_question("https://example.com/cat.png", json!({})),
+        "never fetches",
+    );
+    assert_400(
+        image_question("file:///nonexistent/cat.png", json!({})),
+        "/nonexistent/cat.png",
+    );
     assert_400(
         json!({"messages": [
             {"role": "user", "content": "hi"},
@@ -332,27 +465,58 @@ fn a_system_message_is_ignored_by_the_bunny_template() {
 
 #[test]
 fn only_loopback_names_and_origins_are_served() {
-    let refused = http(server(), "GET", "/health", None, &[("Host", "evil.example")]);
+    let refused = http(
+        server(),
+        "GET",
+        "/health",
+        None,
+        &[("Host", "evil.example")],
+    );
     assert_eq!(refused.status, 403, "{}", refused.body);
-    let refused = http(server(), "GET", "/health", None, &[("Origin", "https://evil.example")]);
+    let refused = http(
+        server(),
+        "GET",
+        "/health",
+        None,
+        &[("Origin", "https://evil.example")],
+    );
     assert_eq!(refused.status, 403, "{}", refused.body);
-    let allowed = http(server(), "GET", "/health", None, &[("Host", "localhost:1234"), ("Origin", "http://127.0.0.1:3000")]);
+    let allowed = http(
+        server(),
+        "GET",
+        "/health",
+        None,
+        &[
+            ("Host", "localhost:1234"),
+            ("Origin", "http://127.0.0.1:3000"),
+        ],
+    );
     assert_eq!(allowed.status, 200, "{}", allowed.body);
 }
 
 #[test]
 fn listening_beyond_loopback_needs_allow_remote() {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let err = runtime.block_on(serve::listen("0.0.0.0", 0, false)).expect_err("0.0.0.0 refused");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let err = runtime
+        .block_on(serve::listen("0.0.0.0", 0, false))
+        .expect_err("0.0.0.0 refused");
     assert!(err.to_string().contains("not a loopback address"), "{err}");
-    let listener = runtime.block_on(serve::listen("localhost", 0, false)).expect("localhost");
+    let listener = runtime
+        .block_on(serve::listen("localhost", 0, false))
+        .expect("localhost");
     assert!(listener.local_addr().expect("address").ip().is_loopback());
 }
 
 #[test]
 fn a_request_past_its_deadline_gets_503() {
     let settings = Settings {
-        limits: Limits { request_timeout: Duration::ZERO, ..Limits::default() },
+        limits: Limits {
+            request_timeout: Duration::ZERO,
+            ..Limits::default()
+        },
         ..Settings::for_model_dir(model_dir())
     };
     let (addr, _stop) = start(model_dir(), settings);
@@ -366,13 +530,31 @@ fn a_request_past_its_deadline_gets_503() {
 fn a_chat_template_model_takes_system_messages_and_no_images() {
     let dir = export("llama-base-tiny");
     let messages = [
-        Message { role: "system".into(), content: "Be brief.".into() },
-        Message { role: "user".into(), content: "Name a colour.".into() },
+        Message {
+            role: "system".into(),
+            content: "Be brief.".into(),
+        },
+        Message {
+            role: "user".into(),
+            content: "Name a colour.".into(),
+        },
     ];
     let mut pipeline = load(&dir);
-    let ids: Vec<i64> = pipeline.tokenizer.encode_chat(&messages).expect("chat ids").into_iter().map(i64::from).collect();
-    let params = Params { max_new_tokens: Some(8), temperature: Some(0.0), ..Params::default() };
-    let direct = pipeline.generate_ids(&ids, &[], &params, |_| {}).expect("direct generation");
+    let ids: Vec<i64> = pipeline
+        .tokenizer
+        .encode_chat(&messages)
+        .expect("chat ids")
+        .into_iter()
+        .map(i64::from)
+        .collect();
+    let params = Params {
+        max_new_tokens: Some(8),
+        temperature: Some(0.0),
+        ..Params::default()
+    };
+    let direct = pipeline
+        .generate_ids(&ids, &[], &params, |_| {})
+        .expect("direct generation");
     drop(pipeline);
 
     let (addr, _stop) = start(&dir, Settings::for_model_dir(&dir));
@@ -382,7 +564,10 @@ fn a_chat_template_model_takes_system_messages_and_no_images() {
     assert_eq!(response.status, 200, "{}", response.body);
     let body = response.json();
     assert_eq!(content(&body), direct.output.text);
-    assert_eq!(body["usage"]["completion_tokens"], direct.output.token_ids.len());
+    assert_eq!(
+        body["usage"]["completion_tokens"],
+        direct.output.token_ids.len()
+    );
     assert_eq!(body["usage"]["prompt_tokens"], ids.len());
 
     let with_image = image_question(&data_url(&chelsea()), json!({}));

@@ -2,24 +2,26 @@
 //! the reference goldens, ONNX Runtime sessions fed from them, tolerance checks, a greedy
 //! driver over an exported directory, and a text dump of a graph's structure.
 
+mod cli;
+mod onnx_text;
+
+pub use cli::export_cli;
+pub use onnx_text::{data_type_name, external_entry, graph_structure, read_model, value_type};
+
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
 use carrot_export::pipeline::{self, ExportPlan, ExportSummary, PipelineError, WeightFormat};
 use carrot_graphs::config::DType;
 use carrot_graphs::llama::Logits;
-use carrot_graphs::onnx::{
-    AttributeProto, GraphProto, ModelProto, TensorProto, ValueInfoProto, attribute_proto::AttributeType,
-    tensor_proto::DataLocation, tensor_proto::DataType, tensor_shape_proto::dimension, type_proto,
-};
 use carrot_runtime::engine::{Engine, ImageFeatures, LoadOptions};
-use carrot_runtime::generate::{self, BoxError, Decode, GenerateOptions, PromptPart, Request, SamplingOptions};
+use carrot_runtime::generate::{
+    self, BoxError, Decode, GenerateOptions, PromptPart, Request, SamplingOptions,
+};
 use half::{bf16, f16};
 use ort::session::Session;
 use ort::value::{DynValue, Tensor, TensorElementType};
-use prost::Message;
 
 use crate::workspace_root;
 
@@ -69,7 +71,10 @@ impl Layout {
 
     /// Whether the export has a vision graph.
     pub fn multimodal(self) -> bool {
-        matches!(self, Layout::Merged | Layout::MergedExplicitTower | Layout::LoraOverBase)
+        matches!(
+            self,
+            Layout::Merged | Layout::MergedExplicitTower | Layout::LoraOverBase
+        )
     }
 
     /// The plan `carrot-export` makes from this layout's command line, with `-q`.
@@ -125,11 +130,20 @@ fn sweep_stale_roots() {
     if !proc_fs.join("self").exists() {
         return;
     }
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(EXPORT_ROOT_PREFIX)) else { continue };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        let Some(rest) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(EXPORT_ROOT_PREFIX))
+        else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
         if pid != std::process::id() && !proc_fs.join(pid.to_string()).exists() {
             let _ = std::fs::remove_dir_all(entry.path());
         }
@@ -154,7 +168,9 @@ fn export_root() -> &'static Path {
 pub fn exported(layout: Layout, dtype: DType) -> &'static Exported {
     static CACHE: OnceLock<Mutex<HashMap<(Layout, DType), &'static Exported>>> = OnceLock::new();
     let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
-    let mut cache = cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut cache = cache
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     if let Some(done) = cache.get(&(layout, dtype)) {
         return done;
     }
@@ -162,104 +178,23 @@ pub fn exported(layout: Layout, dtype: DType) -> &'static Exported {
     let dir = export_root().join(format!("{}-{}", layout.name(), format.name()));
     let summary = pipeline::export(&layout.plan(&dir, format))
         .unwrap_or_else(|e| panic!("exporting {} as {}: {e}", layout.name(), format.name()));
-    let done: &'static Exported = Box::leak(Box::new(Exported { layout, dtype, dir, summary }));
+    let done: &'static Exported = Box::leak(Box::new(Exported {
+        layout,
+        dtype,
+        dir,
+        summary,
+    }));
     cache.insert((layout, dtype), done);
     done
 }
 
 /// Exports `layout` into `out` (a fresh path the caller owns), without caching.
-pub fn export_to(layout: Layout, format: WeightFormat, out: &Path) -> Result<ExportSummary, PipelineError> {
+pub fn export_to(
+    layout: Layout,
+    format: WeightFormat,
+    out: &Path,
+) -> Result<ExportSummary, PipelineError> {
     pipeline::export(&layout.plan(out, format))
-}
-
-/// The `carrot-export` binary of this build (`target/<profile>/carrot-export`, or
-/// `$CARROT_EXPORT_BIN`), built with `$CARGO build -p carrot-export` once per process when it is
-/// missing or older than the sources it is built from, so a stale binary is never tested.
-///
-/// `Err` (the reason to skip) only when it cannot be built because the tests do not run under
-/// cargo; panics when the build fails.
-pub fn export_cli() -> Result<PathBuf, String> {
-    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BIN.get_or_init(locate_or_build_cli).clone()
-}
-
-fn locate_or_build_cli() -> Result<PathBuf, String> {
-    if let Some(path) = std::env::var_os("CARROT_EXPORT_BIN").filter(|v| !v.is_empty()) {
-        return Ok(PathBuf::from(path));
-    }
-    let exe = std::env::current_exe().map_err(|e| format!("locating the test executable: {e}"))?;
-    // target/<profile>/deps/export_layouts-HASH → target/<profile>/carrot-export
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .ok_or_else(|| format!("unexpected test executable path {}", exe.display()))?;
-    let bin = profile_dir.join(format!("carrot-export{}", std::env::consts::EXE_SUFFIX));
-    let stale = match cli_staleness(&bin) {
-        None => return Ok(bin),
-        Some(why) => why,
-    };
-    let cargo = std::env::var_os("CARGO").ok_or_else(|| format!("{stale}, and $CARGO is not set to rebuild it"))?;
-    let mut cmd = std::process::Command::new(&cargo);
-    cmd.args(["build", "--quiet", "-p", "carrot-export", "--bin", "carrot-export"]).current_dir(workspace_root());
-    match profile_dir.file_name().and_then(|n| n.to_str()) {
-        Some("debug") => {}
-        Some("release") => {
-            cmd.arg("--release");
-        }
-        Some(other) => {
-            cmd.args(["--profile", other]);
-        }
-        None => {}
-    }
-    let out = cmd.output().unwrap_or_else(|e| panic!("running {}: {e}", Path::new(&cargo).display()));
-    if !out.status.success() {
-        panic!("building carrot-export ({stale}) failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    }
-    match cli_staleness(&bin) {
-        None => Ok(bin),
-        Some(why) => panic!("after `cargo build -p carrot-export`: {why}"),
-    }
-}
-
-/// Why `bin` cannot be used as it is (missing, or older than a source file), if so.
-fn cli_staleness(bin: &Path) -> Option<String> {
-    let built = match std::fs::metadata(bin).and_then(|m| m.modified()) {
-        Ok(t) => t,
-        Err(e) => return Some(format!("{}: {e}", bin.display())),
-    };
-    let root = workspace_root();
-    let mut newest: Option<(std::time::SystemTime, PathBuf)> = None;
-    for dir in ["export/src", "graphs/src", "contract/src"] {
-        newest_file(&root.join(dir), &mut newest);
-    }
-    for file in ["Cargo.lock", "Cargo.toml", "export/Cargo.toml", "graphs/Cargo.toml", "contract/Cargo.toml"] {
-        let path = root.join(file);
-        if let Ok(modified) = std::fs::metadata(&path).and_then(|m| m.modified())
-            && newest.as_ref().is_none_or(|(t, _)| modified > *t)
-        {
-            newest = Some((modified, path));
-        }
-    }
-    match newest {
-        Some((modified, path)) if modified > built => {
-            Some(format!("{} is older than {}", bin.display(), path.display()))
-        }
-        _ => None,
-    }
-}
-
-fn newest_file(dir: &Path, newest: &mut Option<(std::time::SystemTime, PathBuf)>) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            newest_file(&path, newest);
-        } else if let Ok(modified) = entry.metadata().and_then(|m| m.modified())
-            && newest.as_ref().is_none_or(|(t, _)| modified > *t)
-        {
-            *newest = Some((modified, path));
-        }
-    }
 }
 
 /// A dense row-major array.
@@ -271,7 +206,12 @@ pub struct Array<T> {
 
 impl<T> Array<T> {
     pub fn new(shape: Vec<usize>, data: Vec<T>) -> Self {
-        assert_eq!(shape.iter().product::<usize>(), data.len(), "shape {shape:?} vs {} values", data.len());
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            data.len(),
+            "shape {shape:?} vs {} values",
+            data.len()
+        );
         Self { shape, data }
     }
 }
@@ -305,20 +245,33 @@ impl Goldens {
             let raw = view.data();
             match view.dtype() {
                 safetensors::Dtype::F32 => {
-                    let data = raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+                    let data = raw
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect();
                     floats.insert(name, Array::new(shape, data));
                 }
                 safetensors::Dtype::I64 => {
                     let data = raw
                         .chunks_exact(8)
-                        .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+                        .map(|c| {
+                            i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])
+                        })
                         .collect();
                     ints.insert(name, Array::new(shape, data));
                 }
-                other => panic!("{}: tensor `{name}` has dtype {other:?}; goldens are F32 or I64", path.display()),
+                other => panic!(
+                    "{}: tensor `{name}` has dtype {other:?}; goldens are F32 or I64",
+                    path.display()
+                ),
             }
         }
-        Self { path: path.to_path_buf(), meta, floats, ints }
+        Self {
+            path: path.to_path_buf(),
+            meta,
+            floats,
+            ints,
+        }
     }
 
     pub fn has(&self, name: &str) -> bool {
@@ -345,7 +298,12 @@ impl Goldens {
 
     /// Every tensor name, sorted.
     pub fn names(&self) -> Vec<&str> {
-        let mut names: Vec<&str> = self.floats.keys().chain(self.ints.keys()).map(String::as_str).collect();
+        let mut names: Vec<&str> = self
+            .floats
+            .keys()
+            .chain(self.ints.keys())
+            .map(String::as_str)
+            .collect();
         names.sort_unstable();
         names
     }
@@ -353,7 +311,13 @@ impl Goldens {
 
 /// `Ok(max abs error)` when every element of `actual` is within `atol + rtol·|expected|`, else a
 /// message naming `name`, the max abs error, how many elements are outside and the first of them.
-pub fn allclose(name: &str, actual: &[f32], expected: &[f32], atol: f32, rtol: f32) -> Result<f32, String> {
+pub fn allclose(
+    name: &str,
+    actual: &[f32],
+    expected: &[f32],
+    atol: f32,
+    rtol: f32,
+) -> Result<f32, String> {
     let c = crate::allclose(actual, expected, atol, rtol);
     if c.mismatches == 0 {
         return Ok(c.max_abs_error);
@@ -392,12 +356,18 @@ pub fn argmax_rows(values: &[f32], vocab: usize) -> Vec<usize> {
 /// process, shared with [`Engine`]).
 pub fn ort_env() -> &'static ort::environment::Environment {
     carrot_runtime::ort_lib::init(None).unwrap_or_else(|e| panic!("{e}"));
-    carrot_runtime::ort_lib::environment().unwrap_or_else(|| panic!("ONNX Runtime has no environment"))
+    carrot_runtime::ort_lib::environment()
+        .unwrap_or_else(|| panic!("ONNX Runtime has no environment"))
 }
 
 /// A CPU session on `path`, two intra-op threads.
 pub fn session(path: &Path) -> Session {
-    let fail = |e: String| -> ! { panic!("creating an ONNX Runtime session for {}: {e}", path.display()) };
+    let fail = |e: String| -> ! {
+        panic!(
+            "creating an ONNX Runtime session for {}: {e}",
+            path.display()
+        )
+    };
     Session::builder(ort_env())
         .map_err(|e| e.to_string())
         .and_then(|b| b.with_intra_threads(2).map_err(|e| e.to_string()))
@@ -410,11 +380,19 @@ pub fn float_value(shape: &[usize], values: &[f32], dtype: DType) -> DynValue {
     let shape = shape.to_vec();
     let value = match dtype {
         DType::F32 => Tensor::from_array((shape, values.to_vec())).map(|t| t.into_dyn()),
-        DType::F16 => {
-            Tensor::from_array((shape, values.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>())).map(|t| t.into_dyn())
-        }
-        DType::BF16 => Tensor::from_array((shape, values.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>()))
-            .map(|t| t.into_dyn()),
+        DType::F16 => Tensor::from_array((
+            shape,
+            values.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>(),
+        ))
+        .map(|t| t.into_dyn()),
+        DType::BF16 => Tensor::from_array((
+            shape,
+            values
+                .iter()
+                .map(|&v| bf16::from_f32(v))
+                .collect::<Vec<_>>(),
+        ))
+        .map(|t| t.into_dyn()),
     };
     value.unwrap_or_else(|e| panic!("making a {dtype:?} tensor: {e}"))
 }
@@ -434,7 +412,9 @@ pub struct Output {
 
 /// Runs `session` and returns every output by name, as float32.
 pub fn run(session: &mut Session, feeds: Vec<(String, DynValue)>) -> HashMap<String, Output> {
-    let outputs = session.run(feeds).unwrap_or_else(|e| panic!("running the session: {e}"));
+    let outputs = session
+        .run(feeds)
+        .unwrap_or_else(|e| panic!("running the session: {e}"));
     let mut result = HashMap::new();
     for (name, value) in outputs.iter() {
         let elem = value
@@ -444,15 +424,21 @@ pub fn run(session: &mut Session, feeds: Vec<(String, DynValue)>) -> HashMap<Str
         let dims = |s: &ort::value::Shape| s.iter().map(|&d| d as usize).collect::<Vec<_>>();
         let array = match elem {
             TensorElementType::Float32 => {
-                let (s, d) = value.try_extract_tensor::<f32>().unwrap_or_else(|e| panic!("`{name}`: {e}"));
+                let (s, d) = value
+                    .try_extract_tensor::<f32>()
+                    .unwrap_or_else(|e| panic!("`{name}`: {e}"));
                 Array::new(dims(s), d.to_vec())
             }
             TensorElementType::Float16 => {
-                let (s, d) = value.try_extract_tensor::<f16>().unwrap_or_else(|e| panic!("`{name}`: {e}"));
+                let (s, d) = value
+                    .try_extract_tensor::<f16>()
+                    .unwrap_or_else(|e| panic!("`{name}`: {e}"));
                 Array::new(dims(s), d.iter().map(|v| v.to_f32()).collect())
             }
             TensorElementType::Bfloat16 => {
-                let (s, d) = value.try_extract_tensor::<bf16>().unwrap_or_else(|e| panic!("`{name}`: {e}"));
+                let (s, d) = value
+                    .try_extract_tensor::<bf16>()
+                    .unwrap_or_else(|e| panic!("`{name}`: {e}"));
                 Array::new(dims(s), d.iter().map(|v| v.to_f32()).collect())
             }
             other => panic!("output `{name}` has element type {other:?}"),
@@ -464,13 +450,22 @@ pub fn run(session: &mut Session, feeds: Vec<(String, DynValue)>) -> HashMap<Str
 
 /// Feeds for every input of `session` from `goldens` entry `{case}.{input}` (`{input}` when `case`
 /// is empty); float inputs are converted to `dtype`.
-pub fn golden_feeds(session: &Session, goldens: &Goldens, case: &str, dtype: DType) -> Vec<(String, DynValue)> {
+pub fn golden_feeds(
+    session: &Session,
+    goldens: &Goldens,
+    case: &str,
+    dtype: DType,
+) -> Vec<(String, DynValue)> {
     session
         .inputs()
         .iter()
         .map(|input| {
             let name = input.name().to_string();
-            let key = if case.is_empty() { name.clone() } else { format!("{case}.{name}") };
+            let key = if case.is_empty() {
+                name.clone()
+            } else {
+                format!("{case}.{name}")
+            };
             let value = if goldens.is_float(&key) {
                 let a = goldens.f32(&key);
                 float_value(&a.shape, &a.data, dtype)
@@ -484,7 +479,12 @@ pub fn golden_feeds(session: &Session, goldens: &Goldens, case: &str, dtype: DTy
 }
 
 /// Runs `session` on the golden inputs of `case` (see [`golden_feeds`]).
-pub fn run_golden(session: &mut Session, goldens: &Goldens, case: &str, dtype: DType) -> HashMap<String, Output> {
+pub fn run_golden(
+    session: &mut Session,
+    goldens: &Goldens,
+    case: &str,
+    dtype: DType,
+) -> HashMap<String, Output> {
     let feeds = golden_feeds(session, goldens, case, dtype);
     run(session, feeds)
 }
@@ -513,7 +513,10 @@ pub fn prompt_parts(input_ids: &[i64]) -> Vec<PromptPart> {
             parts.push(PromptPart::Image(images));
             images += 1;
         } else {
-            tokens.push(u32::try_from(id).unwrap_or_else(|_| panic!("input id {id} is not a vocabulary id")));
+            tokens.push(
+                u32::try_from(id)
+                    .unwrap_or_else(|_| panic!("input id {id} is not a vocabulary id")),
+            );
         }
     }
     if !tokens.is_empty() {
@@ -524,7 +527,10 @@ pub fn prompt_parts(input_ids: &[i64]) -> Vec<PromptPart> {
 
 /// Loads an exported directory in the runtime's [`Engine`] on the CPU.
 pub fn load_engine(dir: &Path) -> Engine {
-    let opts = LoadOptions { threads: Some(2), ..LoadOptions::default() };
+    let opts = LoadOptions {
+        threads: Some(2),
+        ..LoadOptions::default()
+    };
     Engine::load(dir, &opts).unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()))
 }
 
@@ -540,7 +546,9 @@ pub fn greedy(
     let images: Vec<ImageFeatures> = if pixel_values.is_empty() {
         Vec::new()
     } else {
-        engine.encode_images(pixel_values).unwrap_or_else(|e| panic!("vision.onnx: {e}"))
+        engine
+            .encode_images(pixel_values)
+            .unwrap_or_else(|e| panic!("vision.onnx: {e}"))
     };
     let request = Request {
         prompt: prompt_parts(input_ids),
@@ -557,129 +565,6 @@ pub fn greedy(
     generate::generate(engine, &IdText, &request, |_| {})
         .unwrap_or_else(|e| panic!("generate: {e}"))
         .token_ids
-}
-
-/// Reads and decodes an ONNX file.
-pub fn read_model(path: &Path) -> ModelProto {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    ModelProto::decode(bytes.as_slice()).unwrap_or_else(|e| panic!("{}: not an ONNX model: {e}", path.display()))
-}
-
-/// `FLOAT`, `FLOAT16`, … for an ONNX element type number.
-pub fn data_type_name(data_type: i32) -> String {
-    DataType::try_from(data_type).map_or_else(|_| format!("type{data_type}"), |t| t.as_str_name().to_string())
-}
-
-/// Element type and dims (`batch`, `16`, `?`) of a graph input or output.
-pub fn value_type(info: &ValueInfoProto) -> (String, Vec<String>) {
-    let Some(type_proto::Value::TensorType(t)) = info.r#type.as_ref().and_then(|t| t.value.as_ref()) else {
-        return ("?".into(), Vec::new());
-    };
-    let dims = t
-        .shape
-        .as_ref()
-        .map(|s| {
-            s.dim
-                .iter()
-                .map(|d| match &d.value {
-                    Some(dimension::Value::DimValue(v)) => v.to_string(),
-                    Some(dimension::Value::DimParam(p)) => p.clone(),
-                    None => "?".into(),
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    (data_type_name(t.elem_type), dims)
-}
-
-/// The `location` / `offset` / `length` entries of an external initializer.
-pub fn external_entry<'a>(t: &'a TensorProto, key: &str) -> Option<&'a str> {
-    t.external_data.iter().find(|e| e.key == key).map(|e| e.value.as_str())
-}
-
-fn is_external(t: &TensorProto) -> bool {
-    t.data_location == DataLocation::External as i32
-}
-
-fn small_values(t: &TensorProto) -> Option<String> {
-    let numel: i64 = t.dims.iter().product();
-    let raw = &t.raw_data;
-    let ty = DataType::try_from(t.data_type).ok()?;
-    let list = |items: Vec<String>| if t.dims.is_empty() { items.join(", ") } else { format!("[{}]", items.join(", ")) };
-    match ty {
-        DataType::Int64 if numel <= 8 && raw.len() == numel as usize * 8 => Some(list(
-            raw.chunks_exact(8)
-                .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]).to_string())
-                .collect(),
-        )),
-        DataType::Float if numel == 1 && raw.len() == 4 => {
-            Some(list(vec![format!("{:?}", f32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]))]))
-        }
-        DataType::Float16 if numel == 1 && raw.len() == 2 => {
-            Some(list(vec![format!("{:?}", f16::from_le_bytes([raw[0], raw[1]]))]))
-        }
-        DataType::Bfloat16 if numel == 1 && raw.len() == 2 => {
-            Some(list(vec![format!("{:?}", bf16::from_le_bytes([raw[0], raw[1]]))]))
-        }
-        _ => None,
-    }
-}
-
-fn attribute_text(a: &AttributeProto) -> String {
-    let value = match AttributeType::try_from(a.r#type).unwrap_or(AttributeType::Undefined) {
-        AttributeType::Int if a.name == "to" => data_type_name(a.i as i32),
-        AttributeType::Int => a.i.to_string(),
-        AttributeType::Float => format!("{:?}", a.f),
-        AttributeType::String => format!("{:?}", String::from_utf8_lossy(&a.s)),
-        AttributeType::Ints => format!("{:?}", a.ints),
-        AttributeType::Floats => format!("{:?}", a.floats),
-        AttributeType::Tensor => a.t.as_ref().map_or("tensor(?)".into(), |t| {
-            let values = small_values(t).map(|v| format!(" = {v}")).unwrap_or_default();
-            format!("tensor({} {:?}{values})", data_type_name(t.data_type), t.dims)
-        }),
-        other => format!("<{}>", other.as_str_name()),
-    };
-    format!("{}={value}", a.name)
-}
-
-fn value_info_line(kind: &str, info: &ValueInfoProto) -> String {
-    let (ty, dims) = value_type(info);
-    format!("{kind} {} {ty} [{}]", info.name, dims.join(", "))
-}
-
-/// The structure of a graph as text, one line per item and no weight values: header, inputs,
-/// outputs, then `op_type name: inputs -> outputs {attrs}` per node in order, then
-/// `initializer name dtype [dims] external|inline` (small integer and scalar constants show
-/// their values).
-pub fn graph_structure(model: &ModelProto) -> String {
-    let mut s = String::new();
-    let opsets: Vec<String> = model
-        .opset_import
-        .iter()
-        .map(|o| format!("{}:{}", if o.domain.is_empty() { "ai.onnx" } else { &o.domain }, o.version))
-        .collect();
-    let empty = GraphProto::default();
-    let g = model.graph.as_ref().unwrap_or(&empty);
-    let _ = writeln!(s, "graph {} ir_version {} opsets {} producer {}", g.name, model.ir_version, opsets.join(","), model.producer_name);
-    for input in &g.input {
-        let _ = writeln!(s, "{}", value_info_line("input", input));
-    }
-    for output in &g.output {
-        let _ = writeln!(s, "{}", value_info_line("output", output));
-    }
-    for node in &g.node {
-        let op = if node.domain.is_empty() { node.op_type.clone() } else { format!("{}.{}", node.domain, node.op_type) };
-        let attrs: Vec<String> = node.attribute.iter().map(attribute_text).collect();
-        let attrs = if attrs.is_empty() { String::new() } else { format!(" {{{}}}", attrs.join(", ")) };
-        let _ = writeln!(s, "{op} {}: {} -> {}{attrs}", node.name, node.input.join(", "), node.output.join(", "));
-    }
-    for t in &g.initializer {
-        let place = if is_external(t) { "external".to_string() } else { "inline".to_string() };
-        let values = if is_external(t) { None } else { small_values(t) };
-        let values = values.map(|v| format!(" = {v}")).unwrap_or_default();
-        let _ = writeln!(s, "initializer {} {} {:?} {place}{values}", t.name, data_type_name(t.data_type), t.dims);
-    }
-    s
 }
 
 #[cfg(test)]
@@ -708,7 +593,8 @@ mod tests {
     #[test]
     fn allclose_message_names_the_tensor_count_and_first_index() {
         assert_eq!(allclose("x", &[1.0, 2.0], &[1.0, 2.0], 0.0, 0.0), Ok(0.0));
-        let err = allclose("logits", &[1.0, 2.5, 9.0], &[1.0, 2.0, 4.0], 1e-3, 0.0).unwrap_err();
+        let err = allclose("logits", &[1.0, 2.5, 9.0], &[1.0, 2.0, 4.0], 1e-3, 0.0)
+            .expect_err("outside the tolerance");
         assert!(err.contains("logits: 2 of 3"), "{err}");
         assert!(err.contains("first at index 1"), "{err}");
         assert!(err.contains("max abs error 5e0"), "{err}");

@@ -26,22 +26,38 @@ fn generate_json() -> Json {
 
 fn record(name: &str) -> Record {
     let json = generate_json();
-    let raw = json["records"].get(name).unwrap_or_else(|| panic!("generate.json has no record `{name}`")).clone();
+    let raw = json["records"]
+        .get(name)
+        .unwrap_or_else(|| panic!("generate.json has no record `{name}`"))
+        .clone();
     let ids = |key: &str| -> Vec<i64> {
         raw[key]
             .as_array()
             .unwrap_or_else(|| panic!("{name}.{key} is not a list"))
             .iter()
-            .map(|v| v.as_i64().unwrap_or_else(|| panic!("{name}.{key}: {v} is not an integer")))
+            .map(|v| {
+                v.as_i64()
+                    .unwrap_or_else(|| panic!("{name}.{key}: {v} is not an integer"))
+            })
             .collect()
     };
     let input_ids = ids("input_ids");
-    let output_ids = ids("output_ids").into_iter().map(|i| u32::try_from(i).unwrap_or_else(|_| panic!("{i}"))).collect();
-    Record { name: name.to_string(), raw, input_ids, output_ids }
+    let output_ids = ids("output_ids")
+        .into_iter()
+        .map(|i| u32::try_from(i).unwrap_or_else(|_| panic!("{i}")))
+        .collect();
+    Record {
+        name: name.to_string(),
+        raw,
+        input_ids,
+        output_ids,
+    }
 }
 
 fn max_new_tokens() -> usize {
-    generate_json()["max_new_tokens"].as_u64().unwrap_or_else(|| panic!("generate.json: no max_new_tokens")) as usize
+    generate_json()["max_new_tokens"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("generate.json: no max_new_tokens")) as usize
 }
 
 fn eos_token_ids() -> Vec<u32> {
@@ -58,7 +74,13 @@ fn layout_of(rec: &Record) -> Layout {
     let export = &rec.raw["export"];
     let model = export["model"].as_str().unwrap_or("");
     let base = export.get("base").and_then(Json::as_str);
-    let loras: Vec<&str> = export.get("lora").and_then(Json::as_array).into_iter().flatten().filter_map(Json::as_str).collect();
+    let loras: Vec<&str> = export
+        .get("lora")
+        .and_then(Json::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Json::as_str)
+        .collect();
     match (model, base, loras.as_slice()) {
         ("carrot-tiny", None, []) => Layout::Merged,
         ("carrot-lora-tiny", Some("llama-base-tiny"), []) => Layout::LoraOverBase,
@@ -70,9 +92,13 @@ fn layout_of(rec: &Record) -> Layout {
 
 /// `[3, S, S]` pixel values of the record's image, as the reference preprocessed it.
 fn pixel_values(rec: &Record) -> Vec<Vec<f32>> {
-    let Some(image) = rec.raw["image"].as_str() else { return Vec::new() };
+    let Some(image) = rec.raw["image"].as_str() else {
+        return Vec::new();
+    };
     let stem = image.trim_end_matches(".png");
-    let size = rec.raw["image_size"].as_u64().unwrap_or_else(|| panic!("{}: no image_size", rec.name));
+    let size = rec.raw["image_size"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{}: no image_size", rec.name));
     let goldens = Goldens::open("pixel_values.safetensors");
     let pixels = goldens.f32(&format!("{stem}.{size}"));
     assert_eq!(pixels.shape, [3, size as usize, size as usize]);
@@ -82,7 +108,11 @@ fn pixel_values(rec: &Record) -> Vec<Vec<f32>> {
 /// Greedy generation of `rec` on the export in `dir` (`layout` is the export the record names).
 fn generate_on(dir: &Path, rec: &Record) -> Vec<u32> {
     let mut engine = load_engine(dir);
-    let num_image_tokens = engine.manifest.vision.as_ref().map_or(0, |v| v.num_image_tokens);
+    let num_image_tokens = engine
+        .manifest
+        .vision
+        .as_ref()
+        .map_or(0, |v| v.num_image_tokens);
     let positions = rec.raw["num_positions"].as_u64().unwrap_or(0) as usize;
     assert_eq!(
         prompt_len(&prompt_parts(&rec.input_ids), num_image_tokens),
@@ -90,7 +120,13 @@ fn generate_on(dir: &Path, rec: &Record) -> Vec<u32> {
         "{}: prompt positions with the image expanded",
         rec.name
     );
-    greedy(&mut engine, &rec.input_ids, &pixel_values(rec), max_new_tokens(), &eos_token_ids())
+    greedy(
+        &mut engine,
+        &rec.input_ids,
+        &pixel_values(rec),
+        max_new_tokens(),
+        &eos_token_ids(),
+    )
 }
 
 fn reproduces(name: &str) {
@@ -98,10 +134,19 @@ fn reproduces(name: &str) {
     let layout = layout_of(&rec);
     let exp = exported(layout, DType::F32);
     let manifest = carrot_contract::Manifest::read_dir(&exp.dir).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(Some(manifest.prompt.template.as_str()), rec.raw["template"].as_str(), "{name}: manifest prompt.template");
+    assert_eq!(
+        Some(manifest.prompt.template.as_str()),
+        rec.raw["template"].as_str(),
+        "{name}: manifest prompt.template"
+    );
     let got = generate_on(&exp.dir, &rec);
     eprintln!("{name}: {got:?}");
-    assert_eq!(got, rec.output_ids, "{name}: greedy tokens from the {} export differ from transformers", layout.name());
+    assert_eq!(
+        got,
+        rec.output_ids,
+        "{name}: greedy tokens from the {} export differ from transformers",
+        layout.name()
+    );
 }
 
 #[test]
@@ -136,7 +181,9 @@ fn carrot_image_chunked_prefill_matches_reference() {
     let rec = record("carrot_image");
     let exp = exported(Layout::Merged, DType::F32);
     let mut engine = load_engine(&exp.dir);
-    let images = engine.encode_images(&pixel_values(&rec)).unwrap_or_else(|e| panic!("{e}"));
+    let images = engine
+        .encode_images(&pixel_values(&rec))
+        .unwrap_or_else(|e| panic!("{e}"));
     let request = Request {
         prompt: prompt_parts(&rec.input_ids),
         images,
@@ -149,7 +196,8 @@ fn carrot_image_chunked_prefill_matches_reference() {
             sampling: SamplingOptions::greedy(),
         },
     };
-    let out = generate::generate(&mut engine, &IdText, &request, |_| {}).unwrap_or_else(|e| panic!("{e}"));
+    let out = generate::generate(&mut engine, &IdText, &request, |_| {})
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(out.token_ids, rec.output_ids, "chunked prefill");
 }
 
@@ -160,7 +208,10 @@ fn lora_adapter_changes_the_output() {
     let with_adapter = record("lora_image");
     let base_only = record("lora_image_base_only");
     assert_eq!(with_adapter.input_ids, base_only.input_ids);
-    assert_ne!(with_adapter.output_ids, base_only.output_ids, "the goldens should differ");
+    assert_ne!(
+        with_adapter.output_ids, base_only.output_ids,
+        "the goldens should differ"
+    );
 
     // vision.onnx + manifest of the LoRA export, embed/decoder of the plain base export.
     let lora = exported(Layout::LoraOverBase, DType::F32);
@@ -180,6 +231,9 @@ fn lora_adapter_changes_the_output() {
         std::fs::copy(from.join(file), dir.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
     }
     let got = generate_on(&dir, &base_only);
-    assert_eq!(got, base_only.output_ids, "base decoder + LoRA export's vision graph vs lora_image_base_only");
+    assert_eq!(
+        got, base_only.output_ids,
+        "base decoder + LoRA export's vision graph vs lora_image_base_only"
+    );
     assert_ne!(got, with_adapter.output_ids);
 }

@@ -6,7 +6,8 @@
 use carrot_contract::names;
 use carrot_graphs::config::DType;
 use carrot_tests::export_util::{
-    Goldens, Layout, Output, allclose, argmax_rows, exported, float_value, golden_feeds, run, run_golden, session,
+    Goldens, Layout, Output, allclose, argmax_rows, exported, float_value, golden_feeds, run,
+    run_golden, session,
 };
 
 const ATOL: f32 = 1e-4;
@@ -22,8 +23,17 @@ fn vision_matches(layout: Layout) {
     let got = &outputs[names::IMAGE_FEATURES].array;
     let want = goldens.f32(names::IMAGE_FEATURES);
     assert_eq!(got.shape, want.shape, "image_features shape");
-    match allclose(&format!("{} image_features", layout.name()), &got.data, &want.data, ATOL, RTOL) {
-        Ok(err) => eprintln!("{} fp32 image_features: max abs error {err:e}", layout.name()),
+    match allclose(
+        &format!("{} image_features", layout.name()),
+        &got.data,
+        &want.data,
+        ATOL,
+        RTOL,
+    ) {
+        Ok(err) => eprintln!(
+            "{} fp32 image_features: max abs error {err:e}",
+            layout.name()
+        ),
         Err(msg) => panic!("{msg}"),
     }
 }
@@ -41,14 +51,21 @@ fn vision_fp32_with_explicit_tower_matches_reference() {
 }
 
 /// Compares logits and every present tensor of one decoder case; returns the failures.
-fn compare_case(case: &str, outputs: &std::collections::HashMap<String, Output>, goldens: &Goldens) -> Vec<String> {
+fn compare_case(
+    case: &str,
+    outputs: &std::collections::HashMap<String, Output>,
+    goldens: &Goldens,
+) -> Vec<String> {
     let mut failures = Vec::new();
     let mut report = Vec::new();
     for name in names::decoder_outputs(LAYERS) {
         let got = &outputs[&name].array;
         let want = goldens.f32(&format!("{case}.{name}"));
         if got.shape != want.shape {
-            failures.push(format!("{case}.{name}: shape {:?}, expected {:?}", got.shape, want.shape));
+            failures.push(format!(
+                "{case}.{name}: shape {:?}, expected {:?}",
+                got.shape, want.shape
+            ));
             continue;
         }
         match allclose(&format!("{case}.{name}"), &got.data, &want.data, ATOL, RTOL) {
@@ -93,7 +110,13 @@ fn decoder_fp32_chain_on_own_cache_matches_reference() {
         }
         let outputs = run(&mut s, feeds);
         let want = goldens.f32(&format!("{case}.logits"));
-        if let Err(msg) = allclose(&format!("chained {case}.logits"), &outputs["logits"].array.data, &want.data, ATOL, RTOL) {
+        if let Err(msg) = allclose(
+            &format!("chained {case}.logits"),
+            &outputs["logits"].array.data,
+            &want.data,
+            ATOL,
+            RTOL,
+        ) {
             failures.push(msg);
         }
         past = Some(outputs);
@@ -126,10 +149,13 @@ fn decoder_fp32_padded_batch_matches_reference_where_attended() {
                 // logits [b, s, vocab] (s = total here: no past); present [b, kv, total, d]
                 let ranges: Vec<std::ops::Range<usize>> = if name == names::LOGITS {
                     let row = (b * total + t) * VOCAB;
-                    vec![row..row + VOCAB]
+                    std::iter::once(row..row + VOCAB).collect()
                 } else {
                     let (kv, d) = (got.shape[1], got.shape[3]);
-                    (0..kv).map(|h| ((b * kv + h) * total + t) * d).map(|start| start..start + d).collect()
+                    (0..kv)
+                        .map(|h| ((b * kv + h) * total + t) * d)
+                        .map(|start| start..start + d)
+                        .collect()
                 };
                 let attended = mask.data[b * total + t] == 1;
                 for r in ranges {
@@ -149,7 +175,10 @@ fn decoder_fp32_padded_batch_matches_reference_where_attended() {
         }
         if !g_masked.is_empty() {
             let c = carrot_tests::allclose(&g_masked, &w_masked, ATOL, RTOL);
-            report.push(format!("({name} at padded positions, not checked: {:.1e})", c.max_abs_error));
+            report.push(format!(
+                "({name} at padded positions, not checked: {:.1e})",
+                c.max_abs_error
+            ));
         }
     }
     eprintln!("fp32 padded: max abs error {}", report.join(", "));
@@ -173,7 +202,13 @@ fn low_precision_chain(dtype: DType) -> LowPrecisionRun {
     let exp = exported(Layout::Merged, dtype);
     let mut s = session(&exp.graph(names::DECODER_GRAPH));
     let mut past: Option<std::collections::HashMap<String, Output>> = None;
-    let mut result = LowPrecisionRun { agree: 0, positions: 0, max_logit_error: 0.0, max_top1_error: 0.0, details: Vec::new() };
+    let mut result = LowPrecisionRun {
+        agree: 0,
+        positions: 0,
+        max_logit_error: 0.0,
+        max_top1_error: 0.0,
+        details: Vec::new(),
+    };
     for case in ["prefill", "decode", "chunk"] {
         let mut feeds = golden_feeds(&s, &goldens, case, dtype);
         if let Some(prev) = &past {
@@ -187,8 +222,15 @@ fn low_precision_chain(dtype: DType) -> LowPrecisionRun {
         }
         let outputs = run(&mut s, feeds);
         let logits = &outputs["logits"];
-        assert_eq!(logits.elem, ort::value::TensorElementType::Float32, "logits are float32 in every export");
-        assert!(logits.array.data.iter().all(|v| v.is_finite()), "{dtype:?} {case}: non-finite logits");
+        assert_eq!(
+            logits.elem,
+            ort::value::TensorElementType::Float32,
+            "logits are float32 in every export"
+        );
+        assert!(
+            logits.array.data.iter().all(|v| v.is_finite()),
+            "{dtype:?} {case}: non-finite logits"
+        );
         let present_elem = outputs["present.0.key"].elem;
         let want_elem = match dtype {
             DType::F16 => ort::value::TensorElementType::Float16,
@@ -210,7 +252,9 @@ fn low_precision_chain(dtype: DType) -> LowPrecisionRun {
             }
             let own_top1 = logits.array.data[i * VOCAB + w as usize];
             result.max_top1_error = result.max_top1_error.max((own_top1 - top1[i]).abs());
-            result.details.push(format!("{case}[{i}]: argmax {g} (reference {w})"));
+            result
+                .details
+                .push(format!("{case}[{i}]: argmax {g} (reference {w})"));
         }
         assert_eq!(got.len(), want.len(), "{case}: positions");
         past = Some(outputs);
@@ -226,7 +270,12 @@ fn decoder_fp16_top1_matches_reference_fp16_run() {
          max abs error of the reference top-1 logit vs the fp16 reference run {:.3e}",
         r.agree, r.positions, r.max_logit_error, r.max_top1_error
     );
-    assert_eq!(r.agree, r.positions, "fp16 argmax differs from the reference fp16 run:\n{}", r.details.join("\n"));
+    assert_eq!(
+        r.agree,
+        r.positions,
+        "fp16 argmax differs from the reference fp16 run:\n{}",
+        r.details.join("\n")
+    );
 }
 
 #[test]
@@ -236,26 +285,36 @@ fn vision_fp16_reports_error_against_fp32_reference() {
     let mut s = session(&exp.graph(names::VISION_GRAPH));
     let outputs = run_golden(&mut s, &goldens, "", DType::F32);
     let got = &outputs[names::IMAGE_FEATURES];
-    assert_eq!(got.elem, ort::value::TensorElementType::Float16, "image_features in the activation dtype");
+    assert_eq!(
+        got.elem,
+        ort::value::TensorElementType::Float16,
+        "image_features in the activation dtype"
+    );
     let want = goldens.f32(names::IMAGE_FEATURES);
     assert_eq!(got.array.shape, want.shape);
     let c = carrot_tests::allclose(&got.array.data, &want.data, 0.0, 0.0);
     let scale = want.data.iter().fold(0f32, |m, v| m.max(v.abs()));
-    eprintln!("fp16 image_features: max abs error {:.3e} vs the fp32 goldens (max |value| {scale:.3})", c.max_abs_error);
+    eprintln!(
+        "fp16 image_features: max abs error {:.3e} vs the fp32 goldens (max |value| {scale:.3})",
+        c.max_abs_error
+    );
     // Sanity bound only: fp16 has 11 significant bits.
-    assert!(c.max_abs_error < 0.02 * scale.max(1.0), "fp16 image_features far from the fp32 reference: {c:?}");
+    assert!(
+        c.max_abs_error < 0.02 * scale.max(1.0),
+        "fp16 image_features far from the fp32 reference: {c:?}"
+    );
 }
 
 #[test]
-fn decoder_bf16_runs_and_mostly_agrees() {
-    let r = low_precision_chain(DType::BF16);
-    eprintln!(
-        "bf16 decoder: argmax agrees with the reference at {}/{} positions; max abs error of logits vs the fp32 \
-         goldens {:.3e}\n{}",
-        r.agree,
-        r.positions,
-        r.max_logit_error,
-        r.details.join("\n")
-    );
-    assert!(2 * r.agree >= r.positions, "bf16 argmax agrees at only {}/{} positions", r.agree, r.positions);
+fn bf16_graphs_are_refused_on_cpu_with_a_clear_message() {
+    // ONNX Runtime's CPU provider has no bfloat16 kernels for most ops; bf16 exports target GPUs
+    // (checked by scripts/gpu-check.sh). On the CPU the runtime must refuse, naming the fix.
+    let exported = exported(Layout::Merged, DType::BF16);
+    carrot_tests::init_ort().expect("ONNX Runtime");
+    let err = carrot_runtime::engine::Engine::load(&exported.dir, &carrot_runtime::engine::LoadOptions::default())
+        .err()
+        .expect("bf16 graphs must be refused on the CPU")
+        .to_string();
+    assert!(err.contains("bf16") && err.contains("--dtype fp32 or fp16"), "{err}");
+    assert!(!err.contains('\n'), "one line: {err}");
 }

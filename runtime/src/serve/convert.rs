@@ -3,11 +3,8 @@
 //! Everything that can be checked without the model is checked here, so that a bad request
 //! is refused with 400 before it waits for the model.
 
-use std::path::PathBuf;
-
-use base64::Engine as _;
-
 use super::error::ApiError;
+use super::image_url::image_source;
 use super::openai::{ChatMessage, ChatRequest};
 use crate::pipeline::{ImageSource, Params};
 use crate::prompt::{Message, Turn};
@@ -89,13 +86,24 @@ impl Role {
 
 pub fn job_input(request: ChatRequest, caps: &Capabilities) -> Result<JobInput, ApiError> {
     if request.messages.is_empty() {
-        return Err(ApiError::invalid("invalid_messages", "`messages` must hold at least one message"));
+        return Err(ApiError::invalid(
+            "invalid_messages",
+            "`messages` must hold at least one message",
+        ));
     }
     if let Some(n) = request.n.filter(|&n| n != 1) {
-        return Err(ApiError::invalid("invalid_n", format!("`n` = {n} is not supported; only one choice (n = 1) is generated")));
+        return Err(ApiError::invalid(
+            "invalid_n",
+            format!("`n` = {n} is not supported; only one choice (n = 1) is generated"),
+        ));
     }
     let max_new_tokens = match request.max_completion_tokens.or(request.max_tokens) {
-        Some(0) => return Err(ApiError::invalid("invalid_max_tokens", "`max_tokens` must be at least 1")),
+        Some(0) => {
+            return Err(ApiError::invalid(
+                "invalid_max_tokens",
+                "`max_tokens` must be at least 1",
+            ));
+        }
         Some(n) => Some(usize::try_from(n).unwrap_or(usize::MAX)),
         None => None,
     };
@@ -103,7 +111,10 @@ pub fn job_input(request: ChatRequest, caps: &Capabilities) -> Result<JobInput, 
     if stop.len() > MAX_STOP_STRINGS {
         return Err(ApiError::invalid(
             "invalid_stop",
-            format!("`stop` has {} strings; at most {MAX_STOP_STRINGS} are accepted", stop.len()),
+            format!(
+                "`stop` has {} strings; at most {MAX_STOP_STRINGS} are accepted",
+                stop.len()
+            ),
         ));
     }
     let params = Params {
@@ -122,9 +133,15 @@ pub fn job_input(request: ChatRequest, caps: &Capabilities) -> Result<JobInput, 
         .enumerate()
         .map(|(i, m)| resolve_message(i, m, caps))
         .collect::<Result<Vec<_>, _>>()?;
-    let images: Vec<ImageSource> = messages.iter().flat_map(|m| m.images.iter().cloned()).collect();
+    let images: Vec<ImageSource> = messages
+        .iter()
+        .flat_map(|m| m.images.iter().cloned())
+        .collect();
     if !images.is_empty() && !caps.vision {
-        return Err(ApiError::invalid("images_not_supported", "the loaded model is text-only; it cannot take images"));
+        return Err(ApiError::invalid(
+            "images_not_supported",
+            "the loaded model is text-only; it cannot take images",
+        ));
     }
     let prompt = match caps.template {
         Template::ChatTemplate => {
@@ -138,10 +155,19 @@ pub fn job_input(request: ChatRequest, caps: &Capabilities) -> Result<JobInput, 
         }
         Template::Bunny | Template::Raw => turns(messages, caps.template)?,
     };
-    Ok(JobInput { prompt, images, params, stop })
+    Ok(JobInput {
+        prompt,
+        images,
+        params,
+        stop,
+    })
 }
 
-fn resolve_message(index: usize, message: &ChatMessage, caps: &Capabilities) -> Result<Resolved, ApiError> {
+fn resolve_message(
+    index: usize,
+    message: &ChatMessage,
+    caps: &Capabilities,
+) -> Result<Resolved, ApiError> {
     let role = match message.role.as_str() {
         "system" | "developer" => Role::System,
         "user" => Role::User,
@@ -149,7 +175,9 @@ fn resolve_message(index: usize, message: &ChatMessage, caps: &Capabilities) -> 
         other => {
             return Err(ApiError::invalid(
                 "invalid_role",
-                format!("messages[{index}]: role `{other}` is not supported; use system, user or assistant"),
+                format!(
+                    "messages[{index}]: role `{other}` is not supported; use system, user or assistant"
+                ),
             ));
         }
     };
@@ -164,7 +192,12 @@ fn resolve_message(index: usize, message: &ChatMessage, caps: &Capabilities) -> 
                 match part.get("type").and_then(|t| t.as_str()) {
                     Some("text") => match part.get("text").and_then(|t| t.as_str()) {
                         Some(t) => texts.push(t.to_owned()),
-                        None => return Err(ApiError::invalid("invalid_content", format!("{at}: a text part needs a string `text`"))),
+                        None => {
+                            return Err(ApiError::invalid(
+                                "invalid_content",
+                                format!("{at}: a text part needs a string `text`"),
+                            ));
+                        }
                     },
                     Some("image_url") => {
                         if role != Role::User {
@@ -175,19 +208,31 @@ fn resolve_message(index: usize, message: &ChatMessage, caps: &Capabilities) -> 
                         }
                         let url = part
                             .get("image_url")
-                            .and_then(|u| u.as_str().or_else(|| u.get("url").and_then(|u| u.as_str())))
+                            .and_then(|u| {
+                                u.as_str().or_else(|| u.get("url").and_then(|u| u.as_str()))
+                            })
                             .ok_or_else(|| {
-                                ApiError::invalid("invalid_image_url", format!("{at}: an image_url part needs `image_url.url`"))
+                                ApiError::invalid(
+                                    "invalid_image_url",
+                                    format!("{at}: an image_url part needs `image_url.url`"),
+                                )
                             })?;
                         images.push(image_source(url, &at, caps.file_urls)?);
                     }
                     Some(other) => {
                         return Err(ApiError::invalid(
                             "invalid_content",
-                            format!("{at}: part type `{other}` is not supported; use `text` or `image_url`"),
+                            format!(
+                                "{at}: part type `{other}` is not supported; use `text` or `image_url`"
+                            ),
                         ));
                     }
-                    None => return Err(ApiError::invalid("invalid_content", format!("{at}: a content part needs a `type`"))),
+                    None => {
+                        return Err(ApiError::invalid(
+                            "invalid_content",
+                            format!("{at}: a content part needs a `type`"),
+                        ));
+                    }
                 }
             }
         }
@@ -198,7 +243,11 @@ fn resolve_message(index: usize, message: &ChatMessage, caps: &Capabilities) -> 
             ));
         }
     }
-    Ok(Resolved { role, text: texts.join("\n"), images })
+    Ok(Resolved {
+        role,
+        text: texts.join("\n"),
+        images,
+    })
 }
 
 /// Bunny and raw prompts: system messages are dropped (Bunny's system prompt is fixed),
@@ -217,11 +266,18 @@ fn turns(messages: Vec<Resolved>, template: Template) -> Result<JobPrompt, ApiEr
             }
             (Role::User, Some(Role::User)) | (Role::Assistant, Some(Role::Assistant)) => {
                 if let Some(turn) = turns.last_mut() {
-                    let slot = if message.role == Role::User { &mut turn.user } else { turn.assistant.get_or_insert_default() };
+                    let slot = if message.role == Role::User {
+                        &mut turn.user
+                    } else {
+                        turn.assistant.get_or_insert_default()
+                    };
                     append(slot, &message.text);
                 }
             }
-            (Role::User, _) => turns.push(Turn { user: message.text, assistant: None }),
+            (Role::User, _) => turns.push(Turn {
+                user: message.text,
+                assistant: None,
+            }),
             (Role::Assistant, _) => {
                 if let Some(turn) = turns.last_mut() {
                     turn.assistant = Some(message.text);
@@ -230,7 +286,11 @@ fn turns(messages: Vec<Resolved>, template: Template) -> Result<JobPrompt, ApiEr
             (Role::System, _) => {}
         }
         if !message.images.is_empty() && (turns.len() > 1 || message.role != Role::User) {
-            let what = if template == Template::Bunny { "Bunny models take" } else { "this model takes" };
+            let what = if template == Template::Bunny {
+                "Bunny models take"
+            } else {
+                "this model takes"
+            };
             return Err(ApiError::invalid(
                 "invalid_image_position",
                 format!("{what} images only in the first user message"),
@@ -240,19 +300,46 @@ fn turns(messages: Vec<Resolved>, template: Template) -> Result<JobPrompt, ApiEr
     }
     match last_role {
         Some(Role::User) => Ok(JobPrompt::Turns(turns)),
-        Some(_) => Err(ApiError::invalid("invalid_messages", "the last message must be a user message")),
-        None => Err(ApiError::invalid("invalid_messages", "`messages` holds no user message")),
+        Some(_) => Err(ApiError::invalid(
+            "invalid_messages",
+            "the last message must be a user message",
+        )),
+        None => Err(ApiError::invalid(
+            "invalid_messages",
+            "`messages` holds no user message",
+        )),
     }
 }
 
 fn chat_messages(messages: Vec<Resolved>) -> Result<JobPrompt, ApiError> {
-    match messages.iter().rev().find(|m| m.role != Role::System).map(|m| m.role) {
+    match messages
+        .iter()
+        .rev()
+        .find(|m| m.role != Role::System)
+        .map(|m| m.role)
+    {
         Some(Role::User) => {}
-        Some(_) => return Err(ApiError::invalid("invalid_messages", "the last message must be a user message")),
-        None => return Err(ApiError::invalid("invalid_messages", "`messages` holds no user message")),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "invalid_messages",
+                "the last message must be a user message",
+            ));
+        }
+        None => {
+            return Err(ApiError::invalid(
+                "invalid_messages",
+                "`messages` holds no user message",
+            ));
+        }
     }
     Ok(JobPrompt::Messages(
-        messages.into_iter().map(|m| Message { role: m.role.as_str().to_owned(), content: m.text }).collect(),
+        messages
+            .into_iter()
+            .map(|m| Message {
+                role: m.role.as_str().to_owned(),
+                content: m.text,
+            })
+            .collect(),
     ))
 }
 
@@ -263,94 +350,16 @@ fn append(slot: &mut String, text: &str) {
     slot.push_str(text);
 }
 
-/// An image from a `data:` URL (base64) or, when allowed, a local `file://` URL. Nothing is
-/// ever fetched from the network.
-pub fn image_source(url: &str, at: &str, file_urls: bool) -> Result<ImageSource, ApiError> {
-    let scheme = url.split_once(':').map(|(s, _)| s.to_ascii_lowercase()).unwrap_or_default();
-    match scheme.as_str() {
-        "data" => data_url(&url[5..], at),
-        "file" if file_urls => Ok(ImageSource::Path(file_url(&url[5..], at)?)),
-        "file" => Err(ApiError::invalid(
-            "invalid_image_url",
-            format!("{at}: file URLs are refused when the server listens beyond loopback; send a data URL"),
-        )),
-        _ => {
-            let shown: String = url.chars().take(40).collect();
-            Err(ApiError::invalid(
-                "invalid_image_url",
-                format!(
-                    "{at}: image URL `{shown}` is not supported: the server never fetches from the network; \
-                     send the image as a data URL (data:image/png;base64,…) or a local file URL (file:///path)"
-                ),
-            ))
-        }
-    }
-}
-
-fn data_url(rest: &str, at: &str) -> Result<ImageSource, ApiError> {
-    let bad = |why: String| ApiError::invalid("invalid_image_url", format!("{at}: bad data URL: {why}"));
-    let (header, payload) = rest.split_once(',').ok_or_else(|| bad("no `,` before the data".into()))?;
-    let mut fields = header.split(';');
-    let media = fields.next().unwrap_or_default().trim();
-    if !fields.any(|f| f.trim().eq_ignore_ascii_case("base64")) {
-        return Err(bad("only base64 data URLs are accepted (data:image/png;base64,…)".into()));
-    }
-    if !media.is_empty() && !media.to_ascii_lowercase().starts_with("image/") {
-        return Err(bad(format!("media type `{media}` is not an image")));
-    }
-    let data = base64::engine::general_purpose::STANDARD
-        .decode(payload.trim())
-        .map_err(|e| bad(format!("invalid base64: {e}")))?;
-    if data.is_empty() {
-        return Err(bad("the image is empty".into()));
-    }
-    let media = if media.is_empty() { "image" } else { media };
-    Ok(ImageSource::Bytes { what: format!("{at} ({media}, {} bytes)", data.len()), data })
-}
-
-/// `file:///abs/path`, `file://localhost/abs/path` or `file:/abs/path`, percent-decoded.
-fn file_url(rest: &str, at: &str) -> Result<PathBuf, ApiError> {
-    let bad = |why: &str| ApiError::invalid("invalid_image_url", format!("{at}: bad file URL: {why}"));
-    let rest = rest.split(['?', '#']).next().unwrap_or_default();
-    let path = match rest.strip_prefix("//") {
-        Some(authority_and_path) => {
-            let slash = authority_and_path.find('/').ok_or_else(|| bad("no path"))?;
-            let host = &authority_and_path[..slash];
-            if !host.is_empty() && !host.eq_ignore_ascii_case("localhost") {
-                return Err(bad("only local files (file:///path) can be read"));
-            }
-            &authority_and_path[slash..]
-        }
-        None if rest.starts_with('/') => rest,
-        None => return Err(bad("the path must be absolute (file:///path)")),
-    };
-    let decoded = percent_decode(path).ok_or_else(|| bad("invalid percent-encoding"))?;
-    Ok(PathBuf::from(decoded))
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn caps(template: Template) -> Capabilities {
-        Capabilities { template, vision: true, file_urls: true }
+        Capabilities {
+            template,
+            vision: true,
+            file_urls: true,
+        }
     }
 
     fn request(json: serde_json::Value) -> ChatRequest {
@@ -377,8 +386,14 @@ mod tests {
         assert_eq!(
             input.prompt,
             JobPrompt::Turns(vec![
-                Turn { user: "What is\nthis?".into(), assistant: Some("A cat.".into()) },
-                Turn { user: "Sure?".into(), assistant: None },
+                Turn {
+                    user: "What is\nthis?".into(),
+                    assistant: Some("A cat.".into())
+                },
+                Turn {
+                    user: "Sure?".into(),
+                    assistant: None
+                },
             ])
         );
         assert_eq!(input.images.len(), 1);
@@ -392,8 +407,13 @@ mod tests {
             &caps(Template::ChatTemplate),
         )
         .expect("valid");
-        let JobPrompt::Messages(m) = input.prompt else { panic!("messages expected") };
-        assert_eq!(m.iter().map(|m| m.role.as_str()).collect::<Vec<_>>(), ["system", "user"]);
+        let JobPrompt::Messages(m) = input.prompt else {
+            panic!("messages expected")
+        };
+        assert_eq!(
+            m.iter().map(|m| m.role.as_str()).collect::<Vec<_>>(),
+            ["system", "user"]
+        );
     }
 
     #[test]
@@ -404,7 +424,7 @@ mod tests {
                 {"role": "user", "content": [{"type": "image_url", "image_url": {"url": PNG_URL}}]}]})),
             &caps(Template::Bunny),
         )
-        .unwrap_err();
+        .expect_err("refused");
         assert!(err.message.contains("first user message"), "{err}");
     }
 
@@ -422,39 +442,5 @@ mod tests {
         assert_eq!(input.params.top_p, Some(0.5));
         assert_eq!(input.params.seed, Some(3));
         assert_eq!(input.stop, ["\n"]);
-    }
-
-    #[test]
-    fn data_urls_decode_and_bad_ones_are_named() {
-        let ImageSource::Bytes { data, what } = image_source(PNG_URL, "m", false).expect("data url") else {
-            panic!("bytes expected")
-        };
-        assert_eq!(&data[1..4], b"PNG");
-        assert!(what.contains("image/png"), "{what}");
-        for bad in ["data:image/png;base64,@@@", "data:image/png,abc", "data:text/plain;base64,aGk=", "data:image/png;base64"] {
-            let err = image_source(bad, "m", false).unwrap_err();
-            assert_eq!(err.status, 400, "{bad}");
-            assert!(err.message.contains("data URL"), "{err}");
-        }
-    }
-
-    #[test]
-    fn file_urls_are_local_and_percent_decoded() {
-        let path = |u: &str| match image_source(u, "m", true) {
-            Ok(ImageSource::Path(p)) => p,
-            other => panic!("{u}: {other:?}"),
-        };
-        assert_eq!(path("file:///tmp/a%20b.png"), PathBuf::from("/tmp/a b.png"));
-        assert_eq!(path("file://localhost/tmp/c.png"), PathBuf::from("/tmp/c.png"));
-        assert!(image_source("file://server/share/c.png", "m", true).is_err());
-        assert!(image_source("file:///tmp/c.png", "m", false).is_err());
-    }
-
-    #[test]
-    fn network_urls_are_refused() {
-        for url in ["http://example.com/cat.png", "https://example.com/cat.png", "ftp://x/y"] {
-            let err = image_source(url, "m", true).unwrap_err();
-            assert!(err.message.contains("never fetches"), "{err}");
-        }
     }
 }

@@ -22,25 +22,50 @@ pub struct ApiError {
 impl ApiError {
     /// 400: the request itself is at fault.
     pub fn invalid(code: &'static str, message: impl Into<String>) -> Self {
-        Self { status: StatusCode::BAD_REQUEST, kind: "invalid_request_error", code: Some(code), message: message.into() }
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            kind: "invalid_request_error",
+            code: Some(code),
+            message: message.into(),
+        }
     }
 
     /// 500: the server failed on a request that looked fine.
     pub fn internal(message: impl Into<String>) -> Self {
-        Self { status: StatusCode::INTERNAL_SERVER_ERROR, kind: "server_error", code: None, message: message.into() }
+        Self {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            kind: "server_error",
+            code: None,
+            message: message.into(),
+        }
     }
 
     /// 503: the server cannot take or finish the request now.
     pub fn unavailable(code: &'static str, message: impl Into<String>) -> Self {
-        Self { status: StatusCode::SERVICE_UNAVAILABLE, kind: "server_error", code: Some(code), message: message.into() }
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            kind: "server_error",
+            code: Some(code),
+            message: message.into(),
+        }
     }
 
     pub fn forbidden(code: &'static str, message: impl Into<String>) -> Self {
-        Self { status: StatusCode::FORBIDDEN, kind: "invalid_request_error", code: Some(code), message: message.into() }
+        Self {
+            status: StatusCode::FORBIDDEN,
+            kind: "invalid_request_error",
+            code: Some(code),
+            message: message.into(),
+        }
     }
 
     pub fn not_found(message: impl Into<String>) -> Self {
-        Self { status: StatusCode::NOT_FOUND, kind: "not_found_error", code: None, message: message.into() }
+        Self {
+            status: StatusCode::NOT_FOUND,
+            kind: "not_found_error",
+            code: None,
+            message: message.into(),
+        }
     }
 
     /// The `{"error": …}` body.
@@ -53,7 +78,13 @@ impl ApiError {
 
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}: {}", self.status.as_u16(), self.kind, self.message)
+        write!(
+            f,
+            "{} {}: {}",
+            self.status.as_u16(),
+            self.kind,
+            self.message
+        )
     }
 }
 
@@ -77,7 +108,11 @@ impl From<PipelineError> for ApiError {
             PipelineError::Engine(EngineError::NoVision) => true,
             PipelineError::Engine(_) => false,
         };
-        if invalid { Self::invalid("invalid_request", message) } else { Self::internal(message) }
+        if invalid {
+            Self::invalid("invalid_request", message)
+        } else {
+            Self::internal(message)
+        }
     }
 }
 
@@ -90,7 +125,9 @@ impl From<GenerateError> for ApiError {
 fn generate_is_invalid(e: &GenerateError) -> bool {
     matches!(
         e,
-        GenerateError::EmptyPrompt | GenerateError::ContextOverflow { .. } | GenerateError::InvalidOption { .. }
+        GenerateError::EmptyPrompt
+            | GenerateError::ContextOverflow { .. }
+            | GenerateError::InvalidOption { .. }
     )
 }
 

@@ -34,10 +34,17 @@ pub async fn models(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
 }
 
 pub async fn not_found(request: Request) -> ApiError {
-    ApiError::not_found(format!("no route for {} {}", request.method(), request.uri().path()))
+    ApiError::not_found(format!(
+        "no route for {} {}",
+        request.method(),
+        request.uri().path()
+    ))
 }
 
-pub async fn chat_completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Response {
+pub async fn chat_completions(
+    State(app): State<Arc<App>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     match chat(app, body).await {
         Ok(response) => response,
         Err(e) => e.into_response(),
@@ -51,19 +58,35 @@ async fn chat(app: Arc<App>, body: Result<Bytes, BytesRejection>) -> Result<Resp
         code: Some("invalid_body"),
         message: e.body_text(),
     })?;
-    let request: ChatRequest = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::invalid("invalid_json", format!("the request body is not a valid chat request: {e}")))?;
+    let request: ChatRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::invalid(
+            "invalid_json",
+            format!("the request body is not a valid chat request: {e}"),
+        )
+    })?;
     let stream = request.stream.unwrap_or(false);
-    let include_usage = request.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    let include_usage = request
+        .stream_options
+        .as_ref()
+        .is_some_and(|o| o.include_usage);
     let input = job_input(request, &app.capabilities)?;
 
     let (replies, mut rx) = mpsc::unbounded_channel();
     let timeout = app.limits.request_timeout;
-    app.queue.submit(Job { input, deadline: Instant::now() + timeout, timeout, replies })?;
+    app.queue.submit(Job {
+        input,
+        deadline: Instant::now() + timeout,
+        timeout,
+        replies,
+    })?;
     match rx.recv().await {
         Some(Reply::Started) => {}
         Some(Reply::Failed(e)) => return Err(e),
-        Some(_) | None => return Err(ApiError::internal("the model worker ended the request without an answer")),
+        Some(_) | None => {
+            return Err(ApiError::internal(
+                "the model worker ended the request without an answer",
+            ));
+        }
     }
     let header = Header::new(&app.model);
     if stream {
@@ -73,20 +96,31 @@ async fn chat(app: Arc<App>, body: Result<Bytes, BytesRejection>) -> Result<Resp
     }
 }
 
-async fn whole(header: Header, mut rx: mpsc::UnboundedReceiver<Reply>) -> Result<Response, ApiError> {
+async fn whole(
+    header: Header,
+    mut rx: mpsc::UnboundedReceiver<Reply>,
+) -> Result<Response, ApiError> {
     let mut content = String::new();
     while let Some(reply) = rx.recv().await {
         match reply {
             Reply::Text(text) => content.push_str(&text),
-            Reply::Done { finish_reason, prompt_tokens, completion_tokens } => {
+            Reply::Done {
+                finish_reason,
+                prompt_tokens,
+                completion_tokens,
+            } => {
                 let usage = Usage::new(prompt_tokens, completion_tokens);
-                return Ok(Json(Completion::new(&header, content, finish_reason, usage)).into_response());
+                return Ok(
+                    Json(Completion::new(&header, content, finish_reason, usage)).into_response(),
+                );
             }
             Reply::Failed(e) => return Err(e),
             Reply::Started => {}
         }
     }
-    Err(ApiError::internal("the model worker ended the request without an answer"))
+    Err(ApiError::internal(
+        "the model worker ended the request without an answer",
+    ))
 }
 
 /// Server-sent events: the role chunk, one chunk per piece of text, the finish chunk, the
@@ -101,7 +135,13 @@ fn streamed(header: Header, rx: mpsc::UnboundedReceiver<Reply>, include_usage: b
         ended: bool,
     }
     let first = std::collections::VecDeque::from([json_event(&Chunk::role(&header))]);
-    let state = State { rx, header, include_usage, pending: first, ended: false };
+    let state = State {
+        rx,
+        header,
+        include_usage,
+        pending: first,
+        ended: false,
+    };
     let events = futures_util::stream::unfold(state, |mut st| async move {
         loop {
             if let Some(event) = st.pending.pop_front() {
@@ -111,36 +151,53 @@ fn streamed(header: Header, rx: mpsc::UnboundedReceiver<Reply>, include_usage: b
                 return None;
             }
             match st.rx.recv().await {
-                Some(Reply::Text(text)) => st.pending.push_back(json_event(&Chunk::content(&st.header, text))),
-                Some(Reply::Done { finish_reason, prompt_tokens, completion_tokens }) => {
-                    st.pending.push_back(json_event(&Chunk::finish(&st.header, finish_reason)));
+                Some(Reply::Text(text)) => st
+                    .pending
+                    .push_back(json_event(&Chunk::content(&st.header, text))),
+                Some(Reply::Done {
+                    finish_reason,
+                    prompt_tokens,
+                    completion_tokens,
+                }) => {
+                    st.pending
+                        .push_back(json_event(&Chunk::finish(&st.header, finish_reason)));
                     if st.include_usage {
                         let usage = Usage::new(prompt_tokens, completion_tokens);
-                        st.pending.push_back(json_event(&Chunk::usage(&st.header, usage)));
+                        st.pending
+                            .push_back(json_event(&Chunk::usage(&st.header, usage)));
                     }
                     st.pending.push_back(SseEvent::default().data("[DONE]"));
                     st.ended = true;
                 }
                 Some(Reply::Failed(e)) => {
-                    st.pending.push_back(SseEvent::default().data(e.body().to_string()));
+                    st.pending
+                        .push_back(SseEvent::default().data(e.body().to_string()));
                     st.ended = true;
                 }
                 Some(Reply::Started) => {}
                 None => {
-                    let e = ApiError::internal("the model worker ended the request without an answer");
-                    st.pending.push_back(SseEvent::default().data(e.body().to_string()));
+                    let e =
+                        ApiError::internal("the model worker ended the request without an answer");
+                    st.pending
+                        .push_back(SseEvent::default().data(e.body().to_string()));
                     st.ended = true;
                 }
             }
         }
     });
-    Sse::new(events).keep_alive(KeepAlive::default()).into_response()
+    Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }
 
 fn json_event(value: &impl serde::Serialize) -> SseEvent {
     match serde_json::to_string(value) {
         Ok(json) => SseEvent::default().data(json),
-        Err(e) => SseEvent::default().data(ApiError::internal(format!("cannot serialise a chunk: {e}")).body().to_string()),
+        Err(e) => SseEvent::default().data(
+            ApiError::internal(format!("cannot serialise a chunk: {e}"))
+                .body()
+                .to_string(),
+        ),
     }
 }
 
@@ -152,15 +209,24 @@ pub async fn local_only(State(app): State<Arc<App>>, request: Request, next: Nex
         if let Some(host) = headers.get(header::HOST) {
             let host = host.to_str().unwrap_or_default();
             if !is_loopback_host(host) {
-                return ApiError::forbidden("forbidden_host", format!("host `{host}` is not a loopback name")).into_response();
+                return ApiError::forbidden(
+                    "forbidden_host",
+                    format!("host `{host}` is not a loopback name"),
+                )
+                .into_response();
             }
         }
         if let Some(origin) = headers.get(header::ORIGIN) {
             let origin = origin.to_str().unwrap_or_default();
-            let host = origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://"));
+            let host = origin
+                .strip_prefix("http://")
+                .or_else(|| origin.strip_prefix("https://"));
             if !host.is_some_and(is_loopback_host) {
-                return ApiError::forbidden("forbidden_origin", format!("requests from origin `{origin}` are refused"))
-                    .into_response();
+                return ApiError::forbidden(
+                    "forbidden_origin",
+                    format!("requests from origin `{origin}` are refused"),
+                )
+                .into_response();
             }
         }
     }
@@ -176,12 +242,17 @@ pub fn is_loopback_host(host: &str) -> bool {
         }
     } else {
         match host.rsplit_once(':') {
-            Some((name, port)) if !name.contains(':') && port.chars().all(|c| c.is_ascii_digit()) => name,
+            Some((name, port))
+                if !name.contains(':') && port.chars().all(|c| c.is_ascii_digit()) =>
+            {
+                name
+            }
             Some(_) => host,
             None => host,
         }
     };
-    name.eq_ignore_ascii_case("localhost") || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    name.eq_ignore_ascii_case("localhost")
+        || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 #[cfg(test)]
@@ -190,10 +261,25 @@ mod tests {
 
     #[test]
     fn loopback_hosts() {
-        for host in ["localhost", "localhost:8080", "127.0.0.1", "127.0.0.1:80", "[::1]:8080", "[::1]", "LOCALHOST"] {
+        for host in [
+            "localhost",
+            "localhost:8080",
+            "127.0.0.1",
+            "127.0.0.1:80",
+            "[::1]:8080",
+            "[::1]",
+            "LOCALHOST",
+        ] {
             assert!(is_loopback_host(host), "{host}");
         }
-        for host in ["evil.example", "evil.example:8080", "10.0.0.1:80", "localhost.evil.example", "[::2]:80", ""] {
+        for host in [
+            "evil.example",
+            "evil.example:8080",
+            "10.0.0.1:80",
+            "localhost.evil.example",
+            "[::2]:80",
+            "",
+        ] {
             assert!(!is_loopback_host(host), "{host}");
         }
     }

@@ -13,6 +13,7 @@
 mod convert;
 mod error;
 mod handlers;
+mod image_url;
 mod openai;
 mod stop;
 mod worker;
@@ -73,7 +74,11 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_queue: 16, request_timeout: Duration::from_secs(600), max_body_bytes: 32 << 20 }
+        Self {
+            max_queue: 16,
+            request_timeout: Duration::from_secs(600),
+            max_body_bytes: 32 << 20,
+        }
     }
 }
 
@@ -95,7 +100,11 @@ impl Settings {
             .unwrap_or_else(|_| dir.to_path_buf())
             .file_name()
             .map_or_else(|| "carrot".to_owned(), |n| n.to_string_lossy().into_owned());
-        Self { model, allow_remote: false, limits: Limits::default() }
+        Self {
+            model,
+            allow_remote: false,
+            limits: Limits::default(),
+        }
     }
 }
 
@@ -139,9 +148,15 @@ pub(crate) struct App {
 pub async fn listen(host: &str, port: u16, allow_remote: bool) -> Result<TcpListener, ServeError> {
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
         .await
-        .map_err(|source| ServeError::Resolve { host: host.to_owned(), source })?
+        .map_err(|source| ServeError::Resolve {
+            host: host.to_owned(),
+            source,
+        })?
         .collect();
-    if let Some(&addr) = addrs.iter().find(|a| !allow_remote && !a.ip().is_loopback()) {
+    if let Some(&addr) = addrs
+        .iter()
+        .find(|a| !allow_remote && !a.ip().is_loopback())
+    {
         return Err(ServeError::NotLoopback { addr });
     }
     let mut last = None;
@@ -151,7 +166,9 @@ pub async fn listen(host: &str, port: u16, allow_remote: bool) -> Result<TcpList
             Err(source) => last = Some(ServeError::Bind { addr, source }),
         }
     }
-    Err(last.unwrap_or_else(|| ServeError::NoAddress { host: host.to_owned() }))
+    Err(last.unwrap_or_else(|| ServeError::NoAddress {
+        host: host.to_owned(),
+    }))
 }
 
 /// The HTTP routes around a worker thread that owns `pipeline`. Join the [`Worker`] after
@@ -163,7 +180,8 @@ pub fn router(pipeline: Pipeline, settings: Settings) -> Result<(Router, Worker)
         vision: pipeline.engine.has_vision(),
         file_urls: !settings.allow_remote,
     };
-    let (worker, queue) = Worker::spawn(pipeline, settings.limits.max_queue).map_err(ServeError::Worker)?;
+    let (worker, queue) =
+        Worker::spawn(pipeline, settings.limits.max_queue).map_err(ServeError::Worker)?;
     let app = Arc::new(App {
         model: settings.model,
         allow_remote: settings.allow_remote,
@@ -176,7 +194,10 @@ pub fn router(pipeline: Pipeline, settings: Settings) -> Result<(Router, Worker)
         .route("/v1/models", get(handlers::models))
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .fallback(handlers::not_found)
-        .layer(axum::middleware::from_fn_with_state(app.clone(), handlers::local_only))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            handlers::local_only,
+        ))
         .layer(DefaultBodyLimit::max(settings.limits.max_body_bytes))
         .with_state(app);
     Ok((router, worker))
@@ -189,7 +210,9 @@ pub async fn serve(
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 /// Completes on Ctrl-C (and SIGTERM on Unix).
@@ -225,7 +248,8 @@ pub fn run(args: &ServeArgs, load: &LoadOptions) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     let listener = runtime.block_on(listen(&args.host, args.port, args.allow_remote))?;
     let addr = listener.local_addr().context("reading the bound address")?;
-    let pipeline = Pipeline::load(&args.model, load).with_context(|| format!("loading {}", args.model.display()))?;
+    let pipeline = Pipeline::load(&args.model, load)
+        .with_context(|| format!("loading {}", args.model.display()))?;
     let settings = Settings {
         allow_remote: args.allow_remote,
         limits: Limits {
@@ -237,7 +261,9 @@ pub fn run(args: &ServeArgs, load: &LoadOptions) -> anyhow::Result<()> {
     };
     let model = settings.model.clone();
     let (router, worker) = router(pipeline, settings)?;
-    eprintln!("carrot serve: {model} on http://{addr} (POST /v1/chat/completions, GET /health); Ctrl-C stops");
+    eprintln!(
+        "carrot serve: {model} on http://{addr} (POST /v1/chat/completions, GET /health); Ctrl-C stops"
+    );
     runtime.block_on(serve(listener, router, async {
         shutdown_signal().await;
         eprintln!("carrot serve: stopping; finishing requests in flight");

@@ -76,7 +76,11 @@ pub struct Usage {
 
 impl Usage {
     pub fn new(prompt_tokens: usize, completion_tokens: usize) -> Self {
-        Self { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens }
+        Self {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        }
     }
 }
 
@@ -93,7 +97,11 @@ impl Header {
         let created = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        Self { id: format!("chatcmpl-{:016x}", rand::random::<u64>()), created, model: model.to_owned() }
+        Self {
+            id: format!("chatcmpl-{:016x}", rand::random::<u64>()),
+            created,
+            model: model.to_owned(),
+        }
     }
 }
 
@@ -123,7 +131,12 @@ pub struct AssistantMessage {
 }
 
 impl Completion {
-    pub fn new(header: &Header, content: String, finish_reason: &'static str, usage: Usage) -> Self {
+    pub fn new(
+        header: &Header,
+        content: String,
+        finish_reason: &'static str,
+        usage: Usage,
+    ) -> Self {
         Self {
             id: header.id.clone(),
             object: "chat.completion",
@@ -131,7 +144,10 @@ impl Completion {
             model: header.model.clone(),
             choices: vec![Choice {
                 index: 0,
-                message: AssistantMessage { role: "assistant", content },
+                message: AssistantMessage {
+                    role: "assistant",
+                    content,
+                },
                 logprobs: None,
                 finish_reason,
             }],
@@ -181,16 +197,39 @@ impl Chunk {
     }
 
     fn choice(header: &Header, delta: Delta, finish_reason: Option<&'static str>) -> Self {
-        Self::with(header, vec![ChunkChoice { index: 0, delta, logprobs: None, finish_reason }], None)
+        Self::with(
+            header,
+            vec![ChunkChoice {
+                index: 0,
+                delta,
+                logprobs: None,
+                finish_reason,
+            }],
+            None,
+        )
     }
 
     /// The first chunk: the assistant role and empty content.
     pub fn role(header: &Header) -> Self {
-        Self::choice(header, Delta { role: Some("assistant"), content: Some(String::new()) }, None)
+        Self::choice(
+            header,
+            Delta {
+                role: Some("assistant"),
+                content: Some(String::new()),
+            },
+            None,
+        )
     }
 
     pub fn content(header: &Header, text: String) -> Self {
-        Self::choice(header, Delta { role: None, content: Some(text) }, None)
+        Self::choice(
+            header,
+            Delta {
+                role: None,
+                content: Some(text),
+            },
+            None,
+        )
     }
 
     /// The last chunk of the choice: an empty delta and why the answer ended.

@@ -25,14 +25,21 @@ pub struct StopText {
 impl StopText {
     /// Empty stop strings are ignored.
     pub fn new(stops: Vec<String>) -> Self {
-        Self { stops: stops.into_iter().filter(|s| !s.is_empty()).collect(), ..Self::default() }
+        Self {
+            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+            ..Self::default()
+        }
     }
 
     /// Adds the next delta and returns what can be shown now.
     pub fn push(&mut self, delta: &str) -> Filtered {
         self.text.push_str(delta);
         let pending = &self.text[self.emitted..];
-        let first_stop = self.stops.iter().filter_map(|s| pending.find(s.as_str())).min();
+        let first_stop = self
+            .stops
+            .iter()
+            .filter_map(|s| pending.find(s.as_str()))
+            .min();
         if let Some(at) = first_stop {
             let last = pending[..at].to_owned();
             self.emitted = self.text.len();
@@ -85,7 +92,10 @@ mod tests {
 
     #[test]
     fn a_stop_string_split_over_deltas_is_found_and_trimmed() {
-        assert_eq!(run(&["END"], &["Hello E", "N", "D and more"]), ("Hello ".into(), true));
+        assert_eq!(
+            run(&["END"], &["Hello E", "N", "D and more"]),
+            ("Hello ".into(), true)
+        );
     }
 
     #[test]
@@ -108,6 +118,9 @@ mod tests {
 
     #[test]
     fn multibyte_text_is_cut_on_character_boundaries() {
-        assert_eq!(run(&["éé"], &["caf", "é!", " é", "é"]), ("café! ".into(), true));
+        assert_eq!(
+            run(&["éé"], &["caf", "é!", " é", "é"]),
+            ("café! ".into(), true)
+        );
     }
 }

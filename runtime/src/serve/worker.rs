@@ -24,7 +24,11 @@ pub enum Reply {
     /// The prompt and images were accepted; generation begins.
     Started,
     Text(String),
-    Done { finish_reason: &'static str, prompt_tokens: usize, completion_tokens: usize },
+    Done {
+        finish_reason: &'static str,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
     Failed(ApiError),
 }
 
@@ -46,9 +50,14 @@ impl Queue {
         self.jobs.try_send(job).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => ApiError::unavailable(
                 "server_busy",
-                format!("the server is busy: {} requests are already waiting; retry later", self.jobs.max_capacity()),
+                format!(
+                    "the server is busy: {} requests are already waiting; retry later",
+                    self.jobs.max_capacity()
+                ),
             ),
-            mpsc::error::TrySendError::Closed(_) => ApiError::internal("the model worker has stopped"),
+            mpsc::error::TrySendError::Closed(_) => {
+                ApiError::internal("the model worker has stopped")
+            }
         })
     }
 }
@@ -63,22 +72,32 @@ impl Worker {
     /// Starts the thread; at most `max_queue` requests wait while one runs.
     pub fn spawn(pipeline: Pipeline, max_queue: usize) -> std::io::Result<(Worker, Queue)> {
         let (jobs, mut rx) = mpsc::channel::<Job>(max_queue.max(1));
-        let thread = std::thread::Builder::new().name("carrot-model".into()).spawn(move || {
-            let mut pipeline = pipeline;
-            while let Some(job) = rx.blocking_recv() {
-                let replies = job.replies.clone();
-                let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| run(&mut pipeline, &job)));
-                let failure = match outcome {
-                    Ok(Ok(())) => None,
-                    Ok(Err(e)) => Some(e),
-                    Err(_) => Some(ApiError::internal("the model worker panicked on this request")),
-                };
-                if let Some(e) = failure {
-                    let _ = replies.send(Reply::Failed(e));
+        let thread = std::thread::Builder::new()
+            .name("carrot-model".into())
+            .spawn(move || {
+                let mut pipeline = pipeline;
+                while let Some(job) = rx.blocking_recv() {
+                    let replies = job.replies.clone();
+                    let outcome =
+                        std::panic::catch_unwind(AssertUnwindSafe(|| run(&mut pipeline, &job)));
+                    let failure = match outcome {
+                        Ok(Ok(())) => None,
+                        Ok(Err(e)) => Some(e),
+                        Err(_) => Some(ApiError::internal(
+                            "the model worker panicked on this request",
+                        )),
+                    };
+                    if let Some(e) = failure {
+                        let _ = replies.send(Reply::Failed(e));
+                    }
                 }
-            }
-        })?;
-        Ok((Worker { thread: Some(thread) }, Queue { jobs }))
+            })?;
+        Ok((
+            Worker {
+                thread: Some(thread),
+            },
+            Queue { jobs },
+        ))
     }
 
     /// Waits for the thread to finish its last job.
@@ -92,7 +111,10 @@ impl Worker {
 fn timed_out(job: &Job) -> ApiError {
     ApiError::unavailable(
         "timeout",
-        format!("the request did not finish within {:.0} s (time in the queue included)", job.timeout.as_secs_f64()),
+        format!(
+            "the request did not finish within {:.0} s (time in the queue included)",
+            job.timeout.as_secs_f64()
+        ),
     )
 }
 
@@ -106,7 +128,9 @@ fn run(pipeline: &mut Pipeline, job: &Job) -> Result<(), ApiError> {
     }
     let input = &job.input;
     let prompt_ids = match &input.prompt {
-        JobPrompt::Turns(turns) => pipeline.prompt_ids(&Prompt::Conversation(turns.clone()), input.images.len())?,
+        JobPrompt::Turns(turns) => {
+            pipeline.prompt_ids(&Prompt::Conversation(turns.clone()), input.images.len())?
+        }
         JobPrompt::Messages(messages) => pipeline
             .tokenizer
             .encode_chat(messages)
@@ -116,13 +140,23 @@ fn run(pipeline: &mut Pipeline, job: &Job) -> Result<(), ApiError> {
             .collect(),
     };
     let pixels = pipeline.pixel_values(&input.images)?;
-    let parts = split_prompt(&prompt_ids, pipeline.engine.manifest.prompt.image_token_index)?;
+    let parts = split_prompt(
+        &prompt_ids,
+        pipeline.engine.manifest.prompt.image_token_index,
+    )?;
     let features: Vec<ImageFeatures> = if pixels.is_empty() {
         Vec::new()
     } else {
-        pipeline.engine.encode_images(&pixels).map_err(crate::pipeline::PipelineError::from)?
+        pipeline
+            .engine
+            .encode_images(&pixels)
+            .map_err(crate::pipeline::PipelineError::from)?
     };
-    let request = Request { prompt: parts, images: features, options: pipeline.options(&input.params) };
+    let request = Request {
+        prompt: parts,
+        images: features,
+        options: pipeline.options(&input.params),
+    };
     let mut generation = Generation::new(&mut pipeline.engine, &pipeline.tokenizer, &request)?;
     let _ = replies.send(Reply::Started);
 

@@ -1,0 +1,181 @@
+//! `carrot-bench`: carrot side by side with onnxruntime-genai and transformers on one machine, in
+//! one run. Exports with both exporters, generates with all three runtimes, measures the memory
+//! read bandwidth, prints a table of medians and ratios and writes it as JSON.
+
+mod bandwidth;
+mod child;
+mod contenders;
+mod report;
+mod stats;
+mod weights;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+
+use contenders::{Exporter, Runtime, Setup};
+use report::{Bandwidth, ExportSummary, GenerateSummary, Machine, Results, SetupInfo, Weights};
+
+#[derive(Parser, Debug)]
+#[command(name = "carrot-bench", about = "carrot vs onnxruntime-genai vs transformers: export and generation, fp32 on CPU")]
+struct Cli {
+    /// Hugging Face model directory (default: .cache/smollm2-135m-instruct).
+    #[arg(long, value_name = "DIR")]
+    model: Option<PathBuf>,
+    /// Python with onnxruntime-genai, transformers and torch (default: .venv-bench/bin/python).
+    #[arg(long, value_name = "PATH")]
+    python: Option<PathBuf>,
+    /// Where carrot-export and carrot are (default: target/release).
+    #[arg(long, value_name = "DIR")]
+    bin_dir: Option<PathBuf>,
+    /// Exports, logs and results.json (default: target/bench).
+    #[arg(long, value_name = "DIR")]
+    work: Option<PathBuf>,
+    /// Runs of each measurement; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Intra-op threads for every runtime.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    #[arg(long, default_value_t = 128)]
+    new_tokens: usize,
+    /// The user message, put through the model's chat template by every runtime.
+    #[arg(long, default_value = "Write a story about a rabbit who grows carrots in a small garden.")]
+    prompt: String,
+    /// Bytes of the bandwidth buffer.
+    #[arg(long, default_value_t = 1 << 30)]
+    bandwidth_bytes: usize,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn plan(cli: &Cli) -> anyhow::Result<Setup> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("bench/ has no parent")?.to_path_buf();
+    let setup = Setup {
+        hf_dir: cli.model.clone().unwrap_or_else(|| root.join(".cache/smollm2-135m-instruct")),
+        work: cli.work.clone().unwrap_or_else(|| root.join("target/bench")),
+        python: cli.python.clone().unwrap_or_else(|| root.join(".venv-bench/bin/python")),
+        bin_dir: cli.bin_dir.clone().unwrap_or_else(|| root.join("target/release")),
+        peers_dir: root.join("bench/peers"),
+        prompt: cli.prompt.clone(),
+        new_tokens: cli.new_tokens,
+        threads: cli.threads,
+    };
+    if cli.runs == 0 || cli.threads == 0 || cli.new_tokens < 2 {
+        bail!("--runs and --threads must be at least 1, --new-tokens at least 2");
+    }
+    let needed = [
+        setup.hf_dir.join("config.json"),
+        setup.hf_dir.join("model.safetensors"),
+        setup.python.clone(),
+        setup.bin_dir.join("carrot-export"),
+        setup.bin_dir.join("carrot"),
+        setup.peers_dir.join("ogenai_generate.py"),
+        setup.peers_dir.join("hf_generate.py"),
+    ];
+    for path in &needed {
+        if !path.exists() {
+            bail!("{} is missing (scripts/bench.sh builds and fetches everything)", path.display());
+        }
+    }
+    std::fs::create_dir_all(setup.work.join("logs")).with_context(|| format!("creating {}", setup.work.display()))?;
+    Ok(setup)
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let setup = plan(&cli)?;
+    let load_avg_start = load_avg();
+    let threads = setup.threads;
+    let gb = |x: f64| x / 1e9;
+
+    say("memory read bandwidth");
+    let mut samples = vec![gb(bandwidth::read_bandwidth(cli.bandwidth_bytes, threads, 5))];
+    let single = gb(bandwidth::read_bandwidth(cli.bandwidth_bytes, 1, 5));
+
+    let mut exports: Vec<Vec<_>> = vec![Vec::new(); Exporter::ALL.len()];
+    for round in 0..cli.runs {
+        for k in 0..Exporter::ALL.len() {
+            let i = (k + round) % Exporter::ALL.len();
+            let who = Exporter::ALL[i];
+            say(&format!("export {}/{}: {}", round + 1, cli.runs, who.name()));
+            exports[i].push(contenders::export(&setup, who, round)?);
+        }
+    }
+    let weights = Weights {
+        carrot_decoder: weights::measure(&setup.carrot_out().join("decoder.onnx"))?,
+        ogenai_model: weights::measure(&setup.ogenai_out().join("model.onnx"))?,
+    };
+
+    let mut gens: Vec<Vec<_>> = vec![Vec::new(); Runtime::ALL.len()];
+    for round in 0..cli.runs {
+        for k in 0..Runtime::ALL.len() {
+            let i = (k + round) % Runtime::ALL.len();
+            let who = Runtime::ALL[i];
+            say(&format!("generate {}/{}: {}", round + 1, cli.runs, who.name()));
+            gens[i].push(contenders::generate(&setup, who, round)?);
+        }
+    }
+
+    say("memory read bandwidth, again");
+    samples.push(gb(bandwidth::read_bandwidth(cli.bandwidth_bytes, threads, 5)));
+    let read_gb_s = samples.iter().copied().fold(0.0, f64::max);
+    let limit_tok_s = read_gb_s * 1e9 / weights.carrot_decoder.per_token_bytes as f64;
+
+    let export: Vec<ExportSummary> = Exporter::ALL.into_iter().zip(exports).map(|(w, r)| ExportSummary::new(w, r)).collect();
+    let carrot_tokens = gens.first().and_then(|g| g.first()).map(|r| r.token_ids.clone()).unwrap_or_default();
+    let generation: Vec<GenerateSummary> = Runtime::ALL
+        .into_iter()
+        .zip(gens)
+        .map(|(w, r)| GenerateSummary::new(w, r, limit_tok_s, &carrot_tokens))
+        .collect();
+    let results = Results {
+        machine: Machine { cpu: cpu_name(), cores: std::thread::available_parallelism().map_or(0, |n| n.get()), load_avg_start, load_avg_end: load_avg() },
+        setup: SetupInfo {
+            model: setup.hf_dir.file_name().map_or_else(|| setup.hf_dir.display().to_string(), |n| n.to_string_lossy().into_owned()),
+            dtype: "fp32",
+            prompt: setup.prompt.clone(),
+            new_tokens: setup.new_tokens,
+            threads,
+            runs: cli.runs,
+        },
+        bandwidth: Bandwidth { threads, read_gb_s, single_thread_read_gb_s: single, samples_gb_s: samples },
+        weights,
+        limit_tok_s,
+        ratios: report::ratios(&export, &generation),
+        export,
+        generation,
+    };
+    println!("{}", report::table(&results));
+    let path = setup.work.join("results.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&results)? + "\n").with_context(|| format!("writing {}", path.display()))?;
+    say(&format!("wrote {}", path.display()));
+    Ok(())
+}
+
+fn say(msg: &str) {
+    eprintln!("carrot-bench: {msg}");
+}
+
+fn load_avg() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|x| x.parse().ok()))
+        .unwrap_or(f64::NAN)
+}
+
+fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|n| n.trim().to_string()))
+        .unwrap_or_else(|| "unknown CPU".into())
+}

