@@ -47,6 +47,46 @@ pub fn repo_root() -> anyhow::Result<PathBuf> {
         .context("cannot find the Carrot repository (fixtures/goldens/generate.json); run `carrot demo` inside it")
 }
 
+/// The Llama 3 tokenizer fetched by `scripts/setup.sh` (`.cache/llama3-tokenizer`).
+pub fn llama3_tokenizer_dir() -> anyhow::Result<PathBuf> {
+    crate::ort_lib::cache_dirs()
+        .into_iter()
+        .map(|d| d.join("llama3-tokenizer"))
+        .find(|d| d.join("tokenizer.json").is_file())
+        .context("the Llama 3 tokenizer is not in .cache/llama3-tokenizer: run `scripts/setup.sh`")
+}
+
+/// Export the repository's `fixtures/models/NAME` into `out` and put the Llama 3 tokenizer next
+/// to it (the fixtures ship without tokenizer files). Used by the demo and the tests.
+pub fn export_fixture(
+    name: &str,
+    out: &Path,
+    dtype: carrot_graphs::config::DType,
+    logits: carrot_graphs::llama::Logits,
+    progress: bool,
+) -> anyhow::Result<carrot_export::pipeline::ExportSummary> {
+    let root = repo_root()?;
+    let tokenizer = llama3_tokenizer_dir()?;
+    let plan = carrot_export::pipeline::ExportPlan {
+        model: root.join("fixtures/models").join(name),
+        out: out.to_path_buf(),
+        base: None,
+        loras: Vec::new(),
+        vision_tower: None,
+        format: carrot_export::pipeline::WeightFormat::Float(dtype),
+        flavor: "portable".into(),
+        logits,
+        force: true,
+        progress,
+    };
+    let summary = carrot_export::pipeline::export(&plan).with_context(|| format!("exporting fixture {name}"))?;
+    for leaf in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(tokenizer.join(leaf), out.join(leaf))
+            .with_context(|| format!("copying {leaf} into {}", out.display()))?;
+    }
+    Ok(summary)
+}
+
 pub fn run(opts: &LoadOptions) -> anyhow::Result<bool> {
     let root = repo_root()?;
     let goldens_path = root.join("fixtures/goldens/generate.json");
@@ -61,37 +101,20 @@ pub fn run(opts: &LoadOptions) -> anyhow::Result<bool> {
         .with_context(|| format!("{}: record {RECORD}", goldens_path.display()))?
         .with_context(|| format!("{}: no record {RECORD}", goldens_path.display()))?;
     let model_dir = root.join("fixtures/models").join(&record.export.model);
-    let tokenizer_dir = crate::ort_lib::cache_dirs()
-        .into_iter()
-        .map(|d| d.join("llama3-tokenizer"))
-        .find(|d| d.join("tokenizer.json").is_file())
-        .context("the Llama 3 tokenizer is not in .cache/llama3-tokenizer: run `scripts/setup.sh`")?;
     let out = root.join(".cache/demo").join(format!("{}-fp32", record.export.model));
-
     let fresh = !out.join(carrot_contract::names::MANIFEST_FILE).is_file()
+        || !out.join("tokenizer.json").is_file()
         || carrot_contract::Manifest::read_dir(&out).map(|m| m.exporter.version != env!("CARGO_PKG_VERSION")).unwrap_or(true);
     if fresh {
         eprintln!("exporting {} (fp32) to {}", model_dir.display(), out.display());
-        let plan = carrot_export::pipeline::ExportPlan {
-            model: model_dir.clone(),
-            out: out.clone(),
-            base: None,
-            loras: Vec::new(),
-            vision_tower: None,
-            format: carrot_export::pipeline::WeightFormat::Float(carrot_graphs::config::DType::F32),
-            flavor: "portable".into(),
-            logits: carrot_graphs::llama::Logits::Last,
-            force: true,
-            progress: true,
-        };
-        let summary = carrot_export::pipeline::export(&plan)?;
+        let summary = export_fixture(
+            &record.export.model,
+            &out,
+            carrot_graphs::config::DType::F32,
+            carrot_graphs::llama::Logits::Last,
+            true,
+        )?;
         eprintln!("exported in {:.1} s", summary.seconds);
-    }
-    for leaf in ["tokenizer.json", "tokenizer_config.json"] {
-        if !out.join(leaf).is_file() {
-            std::fs::copy(tokenizer_dir.join(leaf), out.join(leaf))
-                .with_context(|| format!("copying {leaf} into {}", out.display()))?;
-        }
     }
 
     let mut pipeline = Pipeline::load(&out, opts)?;

@@ -17,24 +17,14 @@ fn exported() -> &'static Path {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
     DIR.get_or_init(|| {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let out = tmp.path().join("carrot-tiny");
-        let plan = carrot_export::pipeline::ExportPlan {
-            model: root().join("fixtures/models/carrot-tiny"),
-            out: out.clone(),
-            base: None,
-            loras: Vec::new(),
-            vision_tower: None,
-            format: carrot_export::pipeline::WeightFormat::Float(carrot_graphs::config::DType::F32),
-            flavor: "portable".into(),
-            logits: carrot_graphs::llama::Logits::Last,
-            force: false,
-            progress: false,
-        };
-        carrot_export::pipeline::export(&plan).expect("export carrot-tiny");
-        let tok = root().join(".cache/llama3-tokenizer");
-        for leaf in ["tokenizer.json", "tokenizer_config.json"] {
-            std::fs::copy(tok.join(leaf), out.join(leaf)).expect("tokenizer: run scripts/setup.sh");
-        }
+        carrot_runtime::demo::export_fixture(
+            "carrot-tiny",
+            &tmp.path().join("carrot-tiny"),
+            carrot_graphs::config::DType::F32,
+            carrot_graphs::llama::Logits::Last,
+            false,
+        )
+        .expect("export carrot-tiny");
         tmp
     })
     .path()

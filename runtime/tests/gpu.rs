@@ -15,22 +15,8 @@ fn root() -> PathBuf {
 
 fn export(dtype: carrot_graphs::config::DType, dir: &Path) -> PathBuf {
     let out = dir.join("carrot-tiny");
-    let plan = carrot_export::pipeline::ExportPlan {
-        model: root().join("fixtures/models/carrot-tiny"),
-        out: out.clone(),
-        base: None,
-        loras: Vec::new(),
-        vision_tower: None,
-        format: carrot_export::pipeline::WeightFormat::Float(dtype),
-        flavor: "portable".into(),
-        logits: carrot_graphs::llama::Logits::Last,
-        force: false,
-        progress: false,
-    };
-    carrot_export::pipeline::export(&plan).expect("export");
-    for leaf in ["tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(root().join(".cache/llama3-tokenizer").join(leaf), out.join(leaf)).expect("tokenizer");
-    }
+    carrot_runtime::demo::export_fixture("carrot-tiny", &out, dtype, carrot_graphs::llama::Logits::Last, false)
+        .expect("export");
     out
 }
 

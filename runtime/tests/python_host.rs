@@ -12,7 +12,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use carrot_export::pipeline::{ExportPlan, WeightFormat, export};
 use carrot_graphs::config::DType;
 use carrot_graphs::llama::Logits;
 use carrot_runtime::engine::LoadOptions;
@@ -99,30 +98,10 @@ fn python() -> Option<PathBuf> {
 /// Export `fixtures/models/NAME` (fp32) into a temporary directory and put the Llama 3
 /// tokenizer (`.cache/llama3-tokenizer`, from `scripts/setup.sh`) next to it.
 fn export_fixture(name: &str, logits: Logits) -> (tempfile::TempDir, PathBuf) {
-    let tokenizer = carrot_runtime::ort_lib::cache_dirs()
-        .into_iter()
-        .map(|d| d.join("llama3-tokenizer"))
-        .find(|d| d.join("tokenizer.json").is_file())
-        .expect("the Llama 3 tokenizer is not in .cache/llama3-tokenizer: run scripts/setup.sh");
     let tmp = tempfile::tempdir().expect("temporary directory");
     let out = tmp.path().join(name);
-    let plan = ExportPlan {
-        model: workspace().join("fixtures/models").join(name),
-        out: out.clone(),
-        base: None,
-        loras: Vec::new(),
-        vision_tower: None,
-        format: WeightFormat::Float(DType::F32),
-        flavor: "portable".into(),
-        logits,
-        force: false,
-        progress: false,
-    };
-    export(&plan).unwrap_or_else(|e| panic!("exporting {name}: {e}"));
-    for leaf in ["tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(tokenizer.join(leaf), out.join(leaf))
-            .unwrap_or_else(|e| panic!("copying {leaf}: {e}"));
-    }
+    carrot_runtime::demo::export_fixture(name, &out, DType::F32, logits, false)
+        .unwrap_or_else(|e| panic!("exporting {name}: {e:#}"));
     (tmp, out)
 }
 

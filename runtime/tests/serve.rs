@@ -30,31 +30,15 @@ fn chelsea() -> PathBuf {
 
 /// `fixtures/models/NAME` exported (fp32) with the Llama 3 tokenizer.
 fn export(name: &str) -> PathBuf {
-    let root = root();
-    let tokenizer = root.join(".cache/llama3-tokenizer");
-    assert!(
-        tokenizer.join("tokenizer.json").is_file(),
-        "{} is missing: run scripts/setup.sh",
-        tokenizer.display()
-    );
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("serve/{name}-fp32"));
-    let plan = carrot_export::pipeline::ExportPlan {
-        model: root.join("fixtures/models").join(name),
-        out: out.clone(),
-        base: None,
-        loras: Vec::new(),
-        vision_tower: None,
-        format: carrot_export::pipeline::WeightFormat::Float(carrot_graphs::config::DType::F32),
-        flavor: "portable".into(),
-        logits: carrot_graphs::llama::Logits::All,
-        force: true,
-        progress: false,
-    };
-    carrot_export::pipeline::export(&plan).unwrap_or_else(|e| panic!("exporting {name}: {e}"));
-    for leaf in ["tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(tokenizer.join(leaf), out.join(leaf))
-            .unwrap_or_else(|e| panic!("copying {leaf}: {e}"));
-    }
+    carrot_runtime::demo::export_fixture(
+        name,
+        &out,
+        carrot_graphs::config::DType::F32,
+        carrot_graphs::llama::Logits::All,
+        false,
+    )
+    .unwrap_or_else(|e| panic!("exporting {name}: {e:#}"));
     out
 }
 
