@@ -143,7 +143,12 @@ fn main() -> ExitCode {
 }
 
 fn load(model: &PathBuf, runtime: &RuntimeArgs) -> anyhow::Result<Pipeline> {
-    Pipeline::load(model, &runtime.load_options()).with_context(|| format!("loading {}", model.display()))
+    let spinner = indicatif::ProgressBar::new_spinner();
+    spinner.set_message(format!("loading {} on {}", model.display(), runtime.device));
+    spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+    let pipeline = Pipeline::load(model, &runtime.load_options());
+    spinner.finish_and_clear();
+    pipeline.with_context(|| format!("loading {}", model.display()))
 }
 
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {

@@ -158,3 +158,29 @@ fn cuda_without_the_feature_is_an_error_not_a_fallback() {
         .expect("run");
     assert_one_line_error(&out, "--features cuda");
 }
+
+#[test]
+fn chat_answers_two_turns_and_exits_on_an_empty_line() {
+    use std::io::Write;
+    let mut child = carrot()
+        .args(["chat", "--model"])
+        .arg(model())
+        .arg("--image")
+        .arg(root().join("fixtures/images/chelsea.png"))
+        .args(["--temperature", "0", "--max-new-tokens", "4", "--ignore-eos"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn carrot chat");
+    child
+        .stdin
+        .as_mut()
+        .expect("stdin")
+        .write_all(b"What is in this picture?\nAnd what colour is it?\n\n")
+        .expect("write");
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.lines().filter(|l| !l.is_empty()).count(), 2, "two answers: {stdout:?}");
+}
