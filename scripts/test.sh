@@ -17,4 +17,4 @@ if [[ ! -x "$VENV/bin/python" ]] || ! cmp -s tests/python/requirements.txt "$VEN
 fi
 export CARROT_PYTHON="$VENV/bin/python"
 
-cargo test --workspace --locked "$@"
+cargo test --workspace --locked --no-fail-fast "$@"

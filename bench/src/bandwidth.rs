@@ -12,8 +12,14 @@ pub fn read_bandwidth(bytes: usize, threads: usize, passes: usize) -> f64 {
     for _ in 0..passes {
         let start = Instant::now();
         let total = std::thread::scope(|s| {
-            let handles: Vec<_> = buf.chunks(part).map(|chunk| s.spawn(move || sum(chunk))).collect();
-            handles.into_iter().map(|h| h.join().unwrap_or(0)).fold(0u64, u64::wrapping_add)
+            let handles: Vec<_> = buf
+                .chunks(part)
+                .map(|chunk| s.spawn(move || sum(chunk)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or(0))
+                .fold(0u64, u64::wrapping_add)
         });
         let secs = start.elapsed().as_secs_f64();
         std::hint::black_box(total);

@@ -88,14 +88,21 @@ pub fn export(s: &Setup, who: Exporter, round: usize) -> anyhow::Result<ExportRu
             let cache = s.work.join("ogenai-cache");
             remove_dir(&cache)?;
             let mut cmd = s.command(&s.python);
-            cmd.args(["-m", "onnxruntime_genai.models.builder", "-i"]).arg(&s.hf_dir);
-            cmd.arg("-o").arg(&out).args(["-p", "fp32", "-e", "cpu", "-c"]).arg(&cache);
+            cmd.args(["-m", "onnxruntime_genai.models.builder", "-i"])
+                .arg(&s.hf_dir);
+            cmd.arg("-o")
+                .arg(&out)
+                .args(["-p", "fp32", "-e", "cpu", "-c"])
+                .arg(&cache);
             (out, cmd, s.log(&format!("export-ogenai-{round}")))
         }
     };
     remove_dir(&out)?;
     let f = child::run(&mut cmd, &log)?;
-    Ok(ExportRun { wall_s: f.wall_s, peak_rss_mb: mb(f.peak_rss_bytes) })
+    Ok(ExportRun {
+        wall_s: f.wall_s,
+        peak_rss_mb: mb(f.peak_rss_bytes),
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -142,8 +149,21 @@ pub fn generate(s: &Setup, who: Runtime, round: usize) -> anyhow::Result<Generat
     let mut cmd = match who {
         Runtime::Carrot => {
             let mut cmd = s.command(&s.bin_dir.join("carrot"));
-            cmd.arg("generate").arg("--model").arg(s.carrot_out()).arg("--prompt").arg(&s.prompt);
-            cmd.args(["--max-new-tokens", &n, "--temperature", "0", "--ignore-eos", "--json", "--threads", &threads]);
+            cmd.arg("generate")
+                .arg("--model")
+                .arg(s.carrot_out())
+                .arg("--prompt")
+                .arg(&s.prompt);
+            cmd.args([
+                "--max-new-tokens",
+                &n,
+                "--temperature",
+                "0",
+                "--ignore-eos",
+                "--json",
+                "--threads",
+                &threads,
+            ]);
             cmd
         }
         Runtime::Ogenai | Runtime::Transformers => {
@@ -152,21 +172,52 @@ pub fn generate(s: &Setup, who: Runtime, round: usize) -> anyhow::Result<Generat
                 _ => ("hf_generate.py", s.hf_dir.clone()),
             };
             let mut cmd = s.command(&s.python);
-            cmd.arg(s.peers_dir.join(script)).arg("--model").arg(model).arg("--tokenizer").arg(&s.hf_dir);
-            cmd.arg("--prompt").arg(&s.prompt).args(["--max-new-tokens", &n, "--threads", &threads]);
+            cmd.arg(s.peers_dir.join(script))
+                .arg("--model")
+                .arg(model)
+                .arg("--tokenizer")
+                .arg(&s.hf_dir);
+            cmd.arg("--prompt").arg(&s.prompt).args([
+                "--max-new-tokens",
+                &n,
+                "--threads",
+                &threads,
+            ]);
             cmd
         }
     };
-    let f = child::run(&mut cmd, &s.log(&format!("generate-{}-{round}", who.name())))?;
-    parse_generate(who, &f).with_context(|| format!("{} printed no usable JSON: {}", who.name(), f.stdout.trim()))
+    let f = child::run(
+        &mut cmd,
+        &s.log(&format!("generate-{}-{round}", who.name())),
+    )?;
+    parse_generate(who, &f)
+        .with_context(|| format!("{} printed no usable JSON: {}", who.name(), f.stdout.trim()))
 }
 
 fn parse_generate(who: Runtime, f: &Finished) -> anyhow::Result<GenerateRun> {
-    let line = f.stdout.lines().rev().find(|l| l.trim_start().starts_with('{')).context("no JSON line")?;
+    let line = f
+        .stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .context("no JSON line")?;
     let v: Value = serde_json::from_str(line)?;
-    let timings = if who == Runtime::Carrot { v.get("timings").context("no timings")? } else { &v };
-    let num = |obj: &Value, key: &str| obj.get(key).and_then(Value::as_f64).with_context(|| format!("no {key}"));
-    let count = |key: &str| v.get(key).and_then(Value::as_u64).and_then(|x| usize::try_from(x).ok()).with_context(|| format!("no {key}"));
+    let timings = if who == Runtime::Carrot {
+        v.get("timings").context("no timings")?
+    } else {
+        &v
+    };
+    let num = |obj: &Value, key: &str| {
+        obj.get(key)
+            .and_then(Value::as_f64)
+            .with_context(|| format!("no {key}"))
+    };
+    let count = |key: &str| {
+        v.get(key)
+            .and_then(Value::as_u64)
+            .and_then(|x| usize::try_from(x).ok())
+            .with_context(|| format!("no {key}"))
+    };
     let token_ids: Vec<u64> = v
         .get("token_ids")
         .and_then(Value::as_array)

@@ -13,13 +13,16 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 use contenders::{Exporter, Runtime, Setup};
 use report::{Bandwidth, ExportSummary, GenerateSummary, Machine, Results, SetupInfo, Weights};
 
 #[derive(Parser, Debug)]
-#[command(name = "carrot-bench", about = "carrot vs onnxruntime-genai vs transformers: export and generation, fp32 on CPU")]
+#[command(
+    name = "carrot-bench",
+    about = "carrot vs onnxruntime-genai vs transformers: export and generation, fp32 on CPU"
+)]
 struct Cli {
     /// Hugging Face model directory (default: .cache/smollm2-135m-instruct).
     #[arg(long, value_name = "DIR")]
@@ -42,15 +45,47 @@ struct Cli {
     #[arg(long, default_value_t = 128)]
     new_tokens: usize,
     /// The user message, put through the model's chat template by every runtime.
-    #[arg(long, default_value = "Write a story about a rabbit who grows carrots in a small garden.")]
+    #[arg(
+        long,
+        default_value = "Write a story about a rabbit who grows carrots in a small garden."
+    )]
     prompt: String,
     /// Bytes of the bandwidth buffer.
     #[arg(long, default_value_t = 1 << 30)]
     bandwidth_bytes: usize,
+    #[command(subcommand)]
+    probe: Option<Probe>,
+}
+
+/// Measurements run in a child of carrot-bench, so that their memory never counts towards the
+/// peak RSS of the processes measured after them (a spawned child inherits its parent's high-water
+/// mark when it execs).
+#[derive(Subcommand, Debug)]
+enum Probe {
+    /// Print the best read bandwidth in bytes per second.
+    #[command(hide = true)]
+    Bandwidth {
+        #[arg(long)]
+        bytes: usize,
+        #[arg(long)]
+        threads: usize,
+        #[arg(long)]
+        passes: usize,
+    },
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    if let Some(Probe::Bandwidth {
+        bytes,
+        threads,
+        passes,
+    }) = cli.probe
+    {
+        println!("{}", bandwidth::read_bandwidth(bytes, threads, passes));
+        return ExitCode::SUCCESS;
+    }
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -60,12 +95,27 @@ fn main() -> ExitCode {
 }
 
 fn plan(cli: &Cli) -> anyhow::Result<Setup> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("bench/ has no parent")?.to_path_buf();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("bench/ has no parent")?
+        .to_path_buf();
     let setup = Setup {
-        hf_dir: cli.model.clone().unwrap_or_else(|| root.join(".cache/smollm2-135m-instruct")),
-        work: cli.work.clone().unwrap_or_else(|| root.join("target/bench")),
-        python: cli.python.clone().unwrap_or_else(|| root.join(".venv-bench/bin/python")),
-        bin_dir: cli.bin_dir.clone().unwrap_or_else(|| root.join("target/release")),
+        hf_dir: cli
+            .model
+            .clone()
+            .unwrap_or_else(|| root.join(".cache/smollm2-135m-instruct")),
+        work: cli
+            .work
+            .clone()
+            .unwrap_or_else(|| root.join("target/bench")),
+        python: cli
+            .python
+            .clone()
+            .unwrap_or_else(|| root.join(".venv-bench/bin/python")),
+        bin_dir: cli
+            .bin_dir
+            .clone()
+            .unwrap_or_else(|| root.join("target/release")),
         peers_dir: root.join("bench/peers"),
         prompt: cli.prompt.clone(),
         new_tokens: cli.new_tokens,
@@ -85,10 +135,14 @@ fn plan(cli: &Cli) -> anyhow::Result<Setup> {
     ];
     for path in &needed {
         if !path.exists() {
-            bail!("{} is missing (scripts/bench.sh builds and fetches everything)", path.display());
+            bail!(
+                "{} is missing (scripts/bench.sh builds and fetches everything)",
+                path.display()
+            );
         }
     }
-    std::fs::create_dir_all(setup.work.join("logs")).with_context(|| format!("creating {}", setup.work.display()))?;
+    std::fs::create_dir_all(setup.work.join("logs"))
+        .with_context(|| format!("creating {}", setup.work.display()))?;
     Ok(setup)
 }
 
@@ -98,16 +152,39 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let threads = setup.threads;
     let gb = |x: f64| x / 1e9;
 
+    let bandwidth = |threads: usize| -> anyhow::Result<f64> {
+        let mut cmd = std::process::Command::new(std::env::current_exe()?);
+        cmd.args([
+            "bandwidth",
+            "--bytes",
+            &cli.bandwidth_bytes.to_string(),
+            "--threads",
+            &threads.to_string(),
+            "--passes",
+            "5",
+        ]);
+        let f = child::run(&mut cmd, &setup.work.join("logs/bandwidth.stderr"))?;
+        Ok(gb(f
+            .stdout
+            .trim()
+            .parse::<f64>()
+            .context("bandwidth probe printed no number")?))
+    };
     say("memory read bandwidth");
-    let mut samples = vec![gb(bandwidth::read_bandwidth(cli.bandwidth_bytes, threads, 5))];
-    let single = gb(bandwidth::read_bandwidth(cli.bandwidth_bytes, 1, 5));
+    let mut samples = vec![bandwidth(threads)?];
+    let single = bandwidth(1)?;
 
     let mut exports: Vec<Vec<_>> = vec![Vec::new(); Exporter::ALL.len()];
     for round in 0..cli.runs {
         for k in 0..Exporter::ALL.len() {
             let i = (k + round) % Exporter::ALL.len();
             let who = Exporter::ALL[i];
-            say(&format!("export {}/{}: {}", round + 1, cli.runs, who.name()));
+            say(&format!(
+                "export {}/{}: {}",
+                round + 1,
+                cli.runs,
+                who.name()
+            ));
             exports[i].push(contenders::export(&setup, who, round)?);
         }
     }
@@ -121,34 +198,60 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         for k in 0..Runtime::ALL.len() {
             let i = (k + round) % Runtime::ALL.len();
             let who = Runtime::ALL[i];
-            say(&format!("generate {}/{}: {}", round + 1, cli.runs, who.name()));
+            say(&format!(
+                "generate {}/{}: {}",
+                round + 1,
+                cli.runs,
+                who.name()
+            ));
             gens[i].push(contenders::generate(&setup, who, round)?);
         }
+        say("memory read bandwidth");
+        samples.push(bandwidth(threads)?);
     }
-
-    say("memory read bandwidth, again");
-    samples.push(gb(bandwidth::read_bandwidth(cli.bandwidth_bytes, threads, 5)));
     let read_gb_s = samples.iter().copied().fold(0.0, f64::max);
     let limit_tok_s = read_gb_s * 1e9 / weights.carrot_decoder.per_token_bytes as f64;
 
-    let export: Vec<ExportSummary> = Exporter::ALL.into_iter().zip(exports).map(|(w, r)| ExportSummary::new(w, r)).collect();
-    let carrot_tokens = gens.first().and_then(|g| g.first()).map(|r| r.token_ids.clone()).unwrap_or_default();
+    let export: Vec<ExportSummary> = Exporter::ALL
+        .into_iter()
+        .zip(exports)
+        .map(|(w, r)| ExportSummary::new(w, r))
+        .collect();
+    let carrot_tokens = gens
+        .first()
+        .and_then(|g| g.first())
+        .map(|r| r.token_ids.clone())
+        .unwrap_or_default();
     let generation: Vec<GenerateSummary> = Runtime::ALL
         .into_iter()
         .zip(gens)
         .map(|(w, r)| GenerateSummary::new(w, r, limit_tok_s, &carrot_tokens))
         .collect();
     let results = Results {
-        machine: Machine { cpu: cpu_name(), cores: std::thread::available_parallelism().map_or(0, |n| n.get()), load_avg_start, load_avg_end: load_avg() },
+        machine: Machine {
+            cpu: cpu_name(),
+            cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            load_avg_start,
+            load_avg_end: load_avg(),
+            bench_peak_rss_mb: child::own_peak_rss_bytes() as f64 / 1e6,
+        },
         setup: SetupInfo {
-            model: setup.hf_dir.file_name().map_or_else(|| setup.hf_dir.display().to_string(), |n| n.to_string_lossy().into_owned()),
+            model: setup.hf_dir.file_name().map_or_else(
+                || setup.hf_dir.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            ),
             dtype: "fp32",
             prompt: setup.prompt.clone(),
             new_tokens: setup.new_tokens,
             threads,
             runs: cli.runs,
         },
-        bandwidth: Bandwidth { threads, read_gb_s, single_thread_read_gb_s: single, samples_gb_s: samples },
+        bandwidth: Bandwidth {
+            threads,
+            read_gb_s,
+            single_thread_read_gb_s: single,
+            samples_gb_s: samples,
+        },
         weights,
         limit_tok_s,
         ratios: report::ratios(&export, &generation),
@@ -157,7 +260,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     println!("{}", report::table(&results));
     let path = setup.work.join("results.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&results)? + "\n").with_context(|| format!("writing {}", path.display()))?;
+    std::fs::write(&path, serde_json::to_string_pretty(&results)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))?;
     say(&format!("wrote {}", path.display()));
     Ok(())
 }
@@ -176,6 +280,11 @@ fn load_avg() -> f64 {
 fn cpu_name() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|n| n.trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|n| n.trim().to_string())
+        })
         .unwrap_or_else(|| "unknown CPU".into())
 }

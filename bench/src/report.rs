@@ -27,6 +27,8 @@ pub struct Machine {
     pub cores: usize,
     pub load_avg_start: f64,
     pub load_avg_end: f64,
+    /// carrot-bench's own peak RSS: a floor under every peak RSS reported.
+    pub bench_peak_rss_mb: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -42,7 +44,7 @@ pub struct SetupInfo {
 #[derive(Debug, Serialize)]
 pub struct Bandwidth {
     pub threads: usize,
-    /// Best of all passes, before and after the runs, in 1e9 bytes/s.
+    /// Best of all samples (before the exports and after each round of generations), in 1e9 bytes/s.
     pub read_gb_s: f64,
     pub single_thread_read_gb_s: f64,
     pub samples_gb_s: Vec<f64>,
@@ -88,9 +90,17 @@ pub struct GenerateSummary {
 }
 
 impl GenerateSummary {
-    pub fn new(runtime: Runtime, runs: Vec<GenerateRun>, limit_tok_s: f64, carrot_tokens: &[u64]) -> Self {
+    pub fn new(
+        runtime: Runtime,
+        runs: Vec<GenerateRun>,
+        limit_tok_s: f64,
+        carrot_tokens: &[u64],
+    ) -> Self {
         let decode_tok_s = median(runs.iter().map(|r| r.decode_tok_s));
-        let tokens = runs.first().map(|r| r.token_ids.as_slice()).unwrap_or_default();
+        let tokens = runs
+            .first()
+            .map(|r| r.token_ids.as_slice())
+            .unwrap_or_default();
         let first_difference_from_carrot = (0..tokens.len().max(carrot_tokens.len()))
             .find(|&i| tokens.get(i) != carrot_tokens.get(i));
         Self {
@@ -121,19 +131,40 @@ pub struct Ratio {
 pub fn ratios(export: &[ExportSummary], generation: &[GenerateSummary]) -> Vec<Ratio> {
     let mut out = Vec::new();
     let mut push = |metric, peer, carrot: f64, peer_value: f64| {
-        out.push(Ratio { metric, peer, carrot, peer_value, ratio: carrot / peer_value });
+        out.push(Ratio {
+            metric,
+            peer,
+            carrot,
+            peer_value,
+            ratio: carrot / peer_value,
+        });
     };
     if let [c, peers @ ..] = export {
         for p in peers {
             push("export wall s", p.exporter.name(), c.wall_s, p.wall_s);
-            push("export peak RSS MB", p.exporter.name(), c.peak_rss_mb, p.peak_rss_mb);
+            push(
+                "export peak RSS MB",
+                p.exporter.name(),
+                c.peak_rss_mb,
+                p.peak_rss_mb,
+            );
         }
     }
     if let [c, peers @ ..] = generation {
         for p in peers {
             push("prefill ms", p.runtime.name(), c.prefill_ms, p.prefill_ms);
-            push("decode tok/s", p.runtime.name(), c.decode_tok_s, p.decode_tok_s);
-            push("generate peak RSS MB", p.runtime.name(), c.peak_rss_mb, p.peak_rss_mb);
+            push(
+                "decode tok/s",
+                p.runtime.name(),
+                c.decode_tok_s,
+                p.decode_tok_s,
+            );
+            push(
+                "generate peak RSS MB",
+                p.runtime.name(),
+                c.peak_rss_mb,
+                p.peak_rss_mb,
+            );
         }
     }
     out
@@ -150,21 +181,37 @@ pub fn table(r: &Results) -> String {
         u.model, u.dtype, u.threads, u.new_tokens, prompt_tokens, u.runs
     );
     let m = &r.machine;
-    let _ = writeln!(s, "Machine: {}, {} cores, load average {:.1} at start, {:.1} at end.\n", m.cpu, m.cores, m.load_avg_start, m.load_avg_end);
+    let _ = writeln!(
+        s,
+        "Machine: {}, {} cores, load average {:.1} at start, {:.1} at end.\n",
+        m.cpu, m.cores, m.load_avg_start, m.load_avg_end
+    );
 
     let _ = writeln!(s, "| export | wall s | peak RSS MB |\n|---|---:|---:|");
     for e in &r.export {
-        let _ = writeln!(s, "| {} | {:.2} | {:.0} |", e.exporter.name(), e.wall_s, e.peak_rss_mb);
+        let _ = writeln!(
+            s,
+            "| {} | {:.2} | {:.0} |",
+            e.exporter.name(),
+            e.wall_s,
+            e.peak_rss_mb
+        );
     }
     if let [c, peers @ ..] = r.export.as_slice() {
         for p in peers {
-            let _ = writeln!(s, "| carrot ÷ {} | {:.2}× | {:.2}× |", p.exporter.name(), c.wall_s / p.wall_s, c.peak_rss_mb / p.peak_rss_mb);
+            let _ = writeln!(
+                s,
+                "| carrot ÷ {} | {:.2}× | {:.2}× |",
+                p.exporter.name(),
+                c.wall_s / p.wall_s,
+                c.peak_rss_mb / p.peak_rss_mb
+            );
         }
     }
 
     let _ = writeln!(
         s,
-        "\n| generation | load ms | prefill ms | decode tok/s | % of limit | peak RSS MB | tokens vs carrot |\n|---|---:|---:|---:|---:|---:|---|"
+        "\n| generation | load ms | prefill ms | decode tok/s (min–max) | % of limit | peak RSS MB | tokens vs carrot |\n|---|---:|---:|---:|---:|---:|---|"
     );
     for g in &r.generation {
         let same = match (g.runtime, g.first_difference_from_carrot) {
@@ -172,9 +219,12 @@ pub fn table(r: &Results) -> String {
             (_, None) => "identical".to_string(),
             (_, Some(i)) => format!("differ from #{i}"),
         };
+        let (lo, hi) = g.runs.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), r| {
+            (lo.min(r.decode_tok_s), hi.max(r.decode_tok_s))
+        });
         let _ = writeln!(
             s,
-            "| {} | {:.0} | {:.1} | {:.1} | {:.0} % | {:.0} | {} |",
+            "| {} | {:.0} | {:.1} | {:.1} ({lo:.1}–{hi:.1}) | {:.0} % | {:.0} | {} |",
             g.runtime.name(),
             g.load_ms,
             g.prefill_ms,

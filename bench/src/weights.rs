@@ -25,8 +25,11 @@ pub struct GraphWeights {
 
 pub fn measure(path: &Path) -> anyhow::Result<GraphWeights> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let model = ModelProto::decode(bytes.as_slice()).with_context(|| format!("parsing {}", path.display()))?;
-    let graph = model.graph.with_context(|| format!("{} has no graph", path.display()))?;
+    let model = ModelProto::decode(bytes.as_slice())
+        .with_context(|| format!("parsing {}", path.display()))?;
+    let graph = model
+        .graph
+        .with_context(|| format!("{} has no graph", path.display()))?;
     let mut gather_data: HashSet<&str> = HashSet::new();
     let mut other_uses: HashSet<&str> = HashSet::new();
     for node in &graph.node {
@@ -38,14 +41,27 @@ pub fn measure(path: &Path) -> anyhow::Result<GraphWeights> {
             }
         }
     }
-    let mut w = GraphWeights { total_bytes: 0, per_token_bytes: 0, lm_head_bytes: 0, gathered_bytes: 0 };
+    let mut w = GraphWeights {
+        total_bytes: 0,
+        per_token_bytes: 0,
+        lm_head_bytes: 0,
+        gathered_bytes: 0,
+    };
     for t in &graph.initializer {
-        let size = tensor_bytes(t).with_context(|| format!("{}: initializer {}", path.display(), t.name))?;
+        let size = tensor_bytes(t)
+            .with_context(|| format!("{}: initializer {}", path.display(), t.name))?;
         w.total_bytes += size;
-        let gathered_only = gather_data.contains(t.name.as_str()) && !other_uses.contains(t.name.as_str());
+        let gathered_only =
+            gather_data.contains(t.name.as_str()) && !other_uses.contains(t.name.as_str());
         if gathered_only {
             w.gathered_bytes += size;
-            let rows = t.dims.first().copied().and_then(|d| u64::try_from(d).ok()).filter(|&d| d > 0).unwrap_or(1);
+            let rows = t
+                .dims
+                .first()
+                .copied()
+                .and_then(|d| u64::try_from(d).ok())
+                .filter(|&d| d > 0)
+                .unwrap_or(1);
             w.per_token_bytes += size / rows;
         } else {
             w.per_token_bytes += size;
@@ -58,7 +74,10 @@ pub fn measure(path: &Path) -> anyhow::Result<GraphWeights> {
 }
 
 fn tensor_bytes(t: &TensorProto) -> anyhow::Result<u64> {
-    let elements = t.dims.iter().try_fold(1u64, |n, &d| u64::try_from(d).ok().map(|d| n * d));
+    let elements = t
+        .dims
+        .iter()
+        .try_fold(1u64, |n, &d| u64::try_from(d).ok().map(|d| n * d));
     let elements = elements.context("negative dimension")?;
     let bits: u64 = match DataType::try_from(t.data_type).context("unknown data type")? {
         DataType::Float | DataType::Int32 | DataType::Uint32 => 32,

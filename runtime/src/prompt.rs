@@ -304,15 +304,17 @@ mod tests {
     #[test]
     fn civil_dates() {
         assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(20_420), (2025, 11, 27));
+        assert_eq!(civil_from_days(20_419), (2025, 11, 27));
         assert_eq!(civil_from_days(11_016), (2000, 2, 29));
     }
 
     #[test]
     fn template_settings_match_transformers() {
+        // Expected output produced by jinja2 with transformers' settings (trim_blocks,
+        // lstrip_blocks): indentation before `{{` is kept, before `{%` is stripped.
         let t = "{% for m in messages %}\n  {{ m.role | upper }}: {{ m.content.strip() }}\n{% endfor %}\n{% if add_generation_prompt %}A:{% endif %}\n";
         let msgs = [Message { role: "user".into(), content: " hi ".into() }];
-        assert_eq!(render_template(t, &msgs, true, "", "").expect("render"), "USER: hi\nA:");
+        assert_eq!(render_template(t, &msgs, true, "", "").expect("render"), "  USER: hi\nA:");
     }
 
     #[test]
