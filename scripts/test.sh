@@ -17,4 +17,10 @@ if [[ ! -x "$VENV/bin/python" ]] || ! cmp -s tests/python/requirements.txt "$VEN
 fi
 export CARROT_PYTHON="$VENV/bin/python"
 
-cargo test --workspace --locked --no-fail-fast "$@"
+LOG="$ROOT/target/test.log"
+mkdir -p "$ROOT/target"
+status=0
+cargo test --workspace --locked --no-fail-fast "$@" 2>&1 | tee "$LOG" || status=$?
+# One closing line over every test binary (cargo prints one result line per binary).
+awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, i }' "$LOG"
+exit "$status"

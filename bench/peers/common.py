@@ -1,27 +1,17 @@
-"""Shared by the peer scripts: arguments, the prompt ids, and the one JSON line they print."""
+"""Shared by the peer scripts: arguments and the one JSON line they print."""
 
 import argparse
 import json
 import sys
 
-from transformers import AutoTokenizer
-
 
 def parse_args(description: str) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--model", required=True, help="model directory for this runtime")
-    p.add_argument("--tokenizer", required=True, help="Hugging Face directory with the chat template")
     p.add_argument("--prompt", required=True, help="user message, put through the chat template")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     return p.parse_args()
-
-
-def prompt_ids(tokenizer_dir: str, prompt: str) -> list[int]:
-    """The chat-templated prompt, exactly as transformers tokenizes it."""
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
-    return tok(text, add_special_tokens=False)["input_ids"]
 
 
 def report(prompt: list[int], tokens: list[int], load_s: float, start: float, first: float, last: float) -> None:

@@ -7,9 +7,9 @@ streamer timestamps every step: its first call carries the prompt, the second th
 import time
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import parse_args, prompt_ids, report
+from common import parse_args, report
 
 
 class Clock:
@@ -28,7 +28,9 @@ class Clock:
 def main() -> None:
     args = parse_args(__doc__)
     torch.set_num_threads(args.threads)
-    ids = prompt_ids(args.tokenizer, args.prompt)
+    tok = AutoTokenizer.from_pretrained(args.model)
+    text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=False)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
 
     t = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)

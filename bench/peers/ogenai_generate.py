@@ -8,18 +8,20 @@ import time
 
 import onnxruntime_genai as og
 
-from common import parse_args, prompt_ids, report
+from common import parse_args, report
 
 
 def main() -> None:
     args = parse_args(__doc__)
-    ids = prompt_ids(args.tokenizer, args.prompt)
-
     t = time.perf_counter()
     config = og.Config(args.model)
     config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": args.threads}}}}))
     model = og.Model(config)
     load_s = time.perf_counter() - t
+
+    tokenizer = og.Tokenizer(model)
+    messages = json.dumps([{"role": "user", "content": args.prompt}])
+    ids = [int(i) for i in tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))]
 
     total = len(ids) + args.max_new_tokens
     params = og.GeneratorParams(model)

@@ -172,11 +172,7 @@ pub fn generate(s: &Setup, who: Runtime, round: usize) -> anyhow::Result<Generat
                 _ => ("hf_generate.py", s.hf_dir.clone()),
             };
             let mut cmd = s.command(&s.python);
-            cmd.arg(s.peers_dir.join(script))
-                .arg("--model")
-                .arg(model)
-                .arg("--tokenizer")
-                .arg(&s.hf_dir);
+            cmd.arg(s.peers_dir.join(script)).arg("--model").arg(model);
             cmd.arg("--prompt").arg(&s.prompt).args([
                 "--max-new-tokens",
                 &n,

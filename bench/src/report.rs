@@ -211,7 +211,7 @@ pub fn table(r: &Results) -> String {
 
     let _ = writeln!(
         s,
-        "\n| generation | load ms | prefill ms | decode tok/s (min–max) | % of limit | peak RSS MB | tokens vs carrot |\n|---|---:|---:|---:|---:|---:|---|"
+        "\n| generation | prompt tokens | load ms | prefill ms | decode tok/s (min–max) | % of limit | peak RSS MB | tokens vs carrot |\n|---|---:|---:|---:|---:|---:|---:|---|"
     );
     for g in &r.generation {
         let same = match (g.runtime, g.first_difference_from_carrot) {
@@ -224,8 +224,9 @@ pub fn table(r: &Results) -> String {
         });
         let _ = writeln!(
             s,
-            "| {} | {:.0} | {:.1} | {:.1} ({lo:.1}–{hi:.1}) | {:.0} % | {:.0} | {} |",
+            "| {} | {} | {:.0} | {:.1} | {:.1} ({lo:.1}–{hi:.1}) | {:.0} % | {:.0} | {} |",
             g.runtime.name(),
+            g.prompt_tokens,
             g.load_ms,
             g.prefill_ms,
             g.decode_tok_s,
@@ -238,7 +239,7 @@ pub fn table(r: &Results) -> String {
         for p in peers {
             let _ = writeln!(
                 s,
-                "| carrot ÷ {} | {:.2}× | {:.2}× | {:.2}× | | {:.2}× | |",
+                "| carrot ÷ {} | | {:.2}× | {:.2}× | {:.2}× | | {:.2}× | |",
                 p.runtime.name(),
                 c.load_ms / p.load_ms,
                 c.prefill_ms / p.prefill_ms,
