@@ -253,10 +253,10 @@ pub fn table(r: &Results) -> String {
     let w = &r.weights;
     let _ = writeln!(
         s,
-        "\nPhysical limit: read bandwidth {:.1} GB/s ({} threads; {:.1} GB/s with 1), best of {} samples. \
+        "\nPhysical limit: read bandwidth {:.1} GB/s with {} thread(s) ({:.1} GB/s with 1), best of {} samples. \
          carrot's decoder reads {:.0} MB of weights per token (lm_head {:.0} MB of it; the embedding table \
-         is in embed.onnx, one row per token), so decode ≤ {:.1} tok/s. onnxruntime-genai's model holds \
-         {:.0} MB and reads {:.0} MB per token (lm_head {:.0} MB; gathered embedding {:.0} MB, one row per token).",
+         is in embed.onnx, one row per token), so decode ≤ {:.1} tok/s. onnxruntime-genai's model reads \
+         {:.0} MB per token of the {:.0} MB it holds (lm_head {:.0} MB).",
         b.read_gb_s,
         b.threads,
         b.single_thread_read_gb_s,
@@ -264,10 +264,9 @@ pub fn table(r: &Results) -> String {
         w.carrot_decoder.per_token_bytes as f64 / 1e6,
         w.carrot_decoder.lm_head_bytes as f64 / 1e6,
         r.limit_tok_s,
-        w.ogenai_model.total_bytes as f64 / 1e6,
         w.ogenai_model.per_token_bytes as f64 / 1e6,
+        w.ogenai_model.total_bytes as f64 / 1e6,
         w.ogenai_model.lm_head_bytes as f64 / 1e6,
-        w.ogenai_model.gathered_bytes as f64 / 1e6,
     );
     s
 }

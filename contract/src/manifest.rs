@@ -164,7 +164,7 @@ impl Manifest {
             return invalid("`vision` and `graphs.vision` must be both present or both absent".into());
         }
         let t = &self.text;
-        if t.num_kv_heads == 0 || t.num_attention_heads % t.num_kv_heads != 0 {
+        if t.num_kv_heads == 0 || !t.num_attention_heads.is_multiple_of(t.num_kv_heads) {
             return invalid(format!(
                 "num_attention_heads {} is not a multiple of num_kv_heads {}",
                 t.num_attention_heads, t.num_kv_heads

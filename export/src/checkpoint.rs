@@ -425,6 +425,18 @@ fn bin_dtype(raw: &RawTensor) -> StoredDType {
     StoredDType::from_name(raw.dtype.torch_name())
 }
 
+/// Drop the mapped pages of a tensor once it has been converted, so resident memory stays at
+/// about one tensor however large the checkpoint is (mapped file pages count as resident).
+fn release_pages(mmap: &Mmap, start: usize, end: usize) {
+    const PAGE: usize = 4096;
+    let aligned = start & !(PAGE - 1);
+    if end > aligned {
+        // SAFETY: the mapping is read-only and file-backed, and no reference into this range
+        // outlives the conversion above; discarded pages are read again from the file if touched.
+        let _ = unsafe { mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, aligned, end - aligned) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -565,17 +577,5 @@ mod tests {
             err.contains("model.safetensors: not a valid safetensors file"),
             "{err}"
         );
-    }
-}
-
-/// Drop the mapped pages of a tensor once it has been converted, so resident memory stays at
-/// about one tensor however large the checkpoint is (mapped file pages count as resident).
-fn release_pages(mmap: &Mmap, start: usize, end: usize) {
-    const PAGE: usize = 4096;
-    let aligned = start & !(PAGE - 1);
-    if end > aligned {
-        // SAFETY: the mapping is read-only and file-backed, and no reference into this range
-        // outlives the conversion above; discarded pages are read again from the file if touched.
-        let _ = unsafe { mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, aligned, end - aligned) };
     }
 }

@@ -42,13 +42,13 @@ struct Shared {
 }
 
 fn check(cfg: &TextConfig) -> Result<()> {
-    if cfg.num_kv_heads == 0 || cfg.num_attention_heads % cfg.num_kv_heads != 0 {
+    if cfg.num_kv_heads == 0 || !cfg.num_attention_heads.is_multiple_of(cfg.num_kv_heads) {
         return Err(GraphError::Config(format!(
             "num_attention_heads {} is not a multiple of num_key_value_heads {}",
             cfg.num_attention_heads, cfg.num_kv_heads
         )));
     }
-    if cfg.head_dim % 2 != 0 {
+    if !cfg.head_dim.is_multiple_of(2) {
         return Err(GraphError::Config(format!("head_dim {} must be even for rotary embeddings", cfg.head_dim)));
     }
     Ok(())

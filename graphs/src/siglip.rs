@@ -117,7 +117,7 @@ fn encoder_layer(ctx: &mut Ctx<'_>, cfg: &VisionConfig, layer: usize, x: &Value)
 /// The vision tower: `pixel_values` → features after `cfg.layers_used` encoder layers
 /// (`hidden_states[-2]` for Bunny-style models), `[b, N, hidden]` in the activation dtype.
 pub fn vision_tower(ctx: &mut Ctx<'_>, cfg: &VisionConfig, pixel_values: &Value) -> Result<Value> {
-    if cfg.hidden_size % cfg.num_attention_heads != 0 {
+    if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
         return Err(GraphError::Config(format!(
             "vision hidden_size {} is not a multiple of num_attention_heads {}",
             cfg.hidden_size, cfg.num_attention_heads

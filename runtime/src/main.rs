@@ -142,7 +142,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn load(model: &PathBuf, runtime: &RuntimeArgs) -> anyhow::Result<Pipeline> {
+fn load(model: &std::path::Path, runtime: &RuntimeArgs) -> anyhow::Result<Pipeline> {
     let spinner = indicatif::ProgressBar::new_spinner();
     spinner.set_message(format!("loading {} on {}", model.display(), runtime.device));
     spinner.enable_steady_tick(std::time::Duration::from_millis(120));
