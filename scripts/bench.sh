@@ -3,7 +3,8 @@
 #   scripts/bench.sh [carrot-bench flags]        e.g. --runs 5, --threads 4
 # 1. scripts/setup.sh (ONNX Runtime into .cache/);
 # 2. .venv-bench from bench/peers/requirements.txt: onnxruntime-genai 0.18.0 (builder and og.Generator),
-#    torch + transformers (the builder's loader and the transformers peer), gguf (for step 3); about 3 GB;
+#    torch + transformers (the builder's loader and the transformers peer), gguf (for step 3); about 3 GB
+#    to download, 6 GB on disk;
 # 3. scripts/fetch-smollm2.sh (the real weights into .cache/smollm2-135m-instruct);
 # 4. release builds of carrot-export, carrot and carrot-bench, then carrot-bench.
 # Prints the table; writes target/bench/results.json (exports and per-run logs beside it).
