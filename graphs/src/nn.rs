@@ -111,25 +111,28 @@ pub fn linear(ctx: &mut Ctx<'_>, scope: &str, key: &str, x: &Value, in_f: usize,
 
 /// `LlamaRMSNorm`: computed in float32, cast back, then multiplied by the weight.
 ///
+/// Emitted as the node pattern ONNX Runtime fuses into one `SimplifiedLayerNormalization` kernel
+/// (`Pow → ReduceMean → Add → Sqrt → Div → Mul`), so it costs one kernel instead of six.
+///
 /// ```text
-///   x ─Cast(f32)─┬─Mul(x,x)─ReduceMean(-1)─Add(eps)─Sqrt─Reciprocal─┐
-///                └──────────────────────────────────────────────────Mul─Cast(dtype)─Mul(weight)─▶ y
+///   x ─Cast(f32)─┬─Pow(2)─ReduceMean(-1)─Add(eps)─Sqrt─┐
+///                └───────────────────────────────────Div─Cast(dtype)─Mul(weight)─▶ y
 /// ```
 pub fn rms_norm(ctx: &mut Ctx<'_>, scope: &str, key: &str, x: &Value, dim: usize, eps: f64) -> Result<Value> {
     let weight = ctx.param(&format!("{key}.weight"), &[dim])?;
     ctx.b.push_scope(scope);
     let result = (|| {
         let x32 = ctx.to_f32("Cast", x)?;
-        let sq = ctx.b.mul("Pow", &x32, &x32)?;
+        let two = ctx.b.const_scalar("two", ElemType::F32, 2.0)?;
+        let sq = ctx.b.pow("Pow", &x32, &two)?;
         let axes = ctx.b.const_i64("axes", &[-1])?;
         let var = ctx.b.reduce_mean("ReduceMean", &sq, &axes, true)?;
         let eps = ctx.b.const_scalar("eps", ElemType::F32, eps)?;
         let var = ctx.b.add("Add", &var, &eps)?;
         let std = ctx.b.sqrt("Sqrt", &var)?;
-        let inv = ctx.b.op("Reciprocal", "Reciprocal", &[&std]).build()?;
-        let normed = ctx.b.mul("Mul", &x32, &inv)?;
+        let normed = ctx.b.div("Div", &x32, &std)?;
         let normed = ctx.from_f32("Cast_1", &normed)?;
-        Ok(ctx.b.mul("Mul_1", &normed, &weight)?)
+        Ok(ctx.b.mul("Mul", &weight, &normed)?)
     })();
     ctx.b.pop_scope();
     result
