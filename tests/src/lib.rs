@@ -114,22 +114,9 @@ pub fn allclose(actual: &[f32], expected: &[f32], atol: f32, rtol: f32) -> Close
 /// `actual` is within `atol + rtol * |expected|` of `expected` everywhere.
 #[track_caller]
 pub fn assert_allclose(what: &str, actual: &[f32], expected: &[f32], atol: f32, rtol: f32) {
-    let c = allclose(actual, expected, atol, rtol);
-    if c.mismatches == 0 {
-        return;
+    if let Err(message) = export_util::allclose(what, actual, expected, atol, rtol) {
+        panic!("{message}");
     }
-    let first = c.first_mismatch.unwrap_or(0);
-    panic!(
-        "{what}: {} of {} elements differ beyond atol {atol} + rtol {rtol}; max abs error {}; \
-         first at index {first}: got {:?}, expected {:?} (lengths {} vs {})",
-        c.mismatches,
-        c.len,
-        c.max_abs_error,
-        actual.get(first),
-        expected.get(first),
-        actual.len(),
-        expected.len()
-    );
 }
 
 #[cfg(test)]
