@@ -46,6 +46,12 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Ctrl-C: leave no partial output behind.
+    let _ = ctrlc::set_handler(|| {
+        pipeline::remove_partial_output();
+        eprintln!("error: interrupted; no output written");
+        std::process::exit(130);
+    });
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

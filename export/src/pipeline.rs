@@ -99,14 +99,38 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PipelineError + '_ {
     move |source| PipelineError::Io { path: path.to_path_buf(), source }
 }
 
+/// The temporary output directory of the export in progress, for [`remove_partial_output`].
+static PARTIAL: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+
+/// Remove the temporary directory of an export in progress (for an interrupt handler: the process
+/// is about to exit without unwinding, so [`TempDir`]'s drop would not run).
+pub fn remove_partial_output() {
+    let partial = PARTIAL.lock().map(|mut p| p.take()).unwrap_or_default();
+    if let Some(path) = partial {
+        let _ = std::fs::remove_dir_all(path);
+    }
+}
+
 /// Removes a temporary output directory unless it was moved into place.
 struct TempDir {
     path: PathBuf,
     keep: bool,
 }
 
+impl TempDir {
+    fn new(path: PathBuf) -> Self {
+        if let Ok(mut p) = PARTIAL.lock() {
+            *p = Some(path.clone());
+        }
+        TempDir { path, keep: false }
+    }
+}
+
 impl Drop for TempDir {
     fn drop(&mut self) {
+        if let Ok(mut p) = PARTIAL.lock() {
+            *p = None;
+        }
         if !self.keep {
             let _ = std::fs::remove_dir_all(&self.path);
         }
@@ -172,7 +196,7 @@ pub fn export(plan: &ExportPlan) -> Result<ExportSummary, PipelineError> {
     let parent = out.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
     std::fs::create_dir_all(&parent).map_err(io(&parent))?;
     let leaf = out.file_name().and_then(|n| n.to_str()).unwrap_or("export").to_string();
-    let tmp = TempDir { path: parent.join(format!(".{leaf}.partial-{}", std::process::id())), keep: false };
+    let tmp = TempDir::new(parent.join(format!(".{leaf}.partial-{}", std::process::id())));
     if tmp.path.exists() {
         std::fs::remove_dir_all(&tmp.path).map_err(io(&tmp.path))?;
     }
