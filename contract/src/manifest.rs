@@ -12,10 +12,18 @@ pub const FORMAT_MAJOR: u32 = 1;
 #[derive(thiserror::Error, Debug)]
 pub enum ManifestError {
     #[error("cannot read {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path} is not a valid Carrot manifest: {source}")]
-    Parse { path: String, source: serde_json::Error },
-    #[error("{path}: manifest format `{found}` is not supported (this build reads carrot/{FORMAT_MAJOR})")]
+    Parse {
+        path: String,
+        source: serde_json::Error,
+    },
+    #[error(
+        "{path}: manifest format `{found}` is not supported (this build reads carrot/{FORMAT_MAJOR})"
+    )]
     Version { path: String, found: String },
     #[error("{path}: {reason}")]
     Invalid { path: String, reason: String },
@@ -121,32 +129,59 @@ impl Manifest {
     pub fn read_dir(dir: &Path) -> Result<Manifest, ManifestError> {
         let path = dir.join(crate::names::MANIFEST_FILE);
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(&path).map_err(|source| ManifestError::Io { path: shown.clone(), source })?;
+        let text = std::fs::read_to_string(&path).map_err(|source| ManifestError::Io {
+            path: shown.clone(),
+            source,
+        })?;
         Self::parse(&text, &shown)
     }
 
     /// Parse and validate manifest text; `path` is only used in messages.
     pub fn parse(text: &str, path: &str) -> Result<Manifest, ManifestError> {
         let value: serde_json::Value =
-            serde_json::from_str(text).map_err(|source| ManifestError::Parse { path: path.into(), source })?;
-        let format = value.get("format").and_then(|f| f.as_str()).unwrap_or("").to_string();
+            serde_json::from_str(text).map_err(|source| ManifestError::Parse {
+                path: path.into(),
+                source,
+            })?;
+        let format = value
+            .get("format")
+            .and_then(|f| f.as_str())
+            .unwrap_or("")
+            .to_string();
         let major = format
             .strip_prefix("carrot/")
             .and_then(|v| v.split('.').next())
             .and_then(|v| v.parse::<u32>().ok());
         if major != Some(FORMAT_MAJOR) {
-            return Err(ManifestError::Version { path: path.into(), found: format });
+            return Err(ManifestError::Version {
+                path: path.into(),
+                found: format,
+            });
         }
         let manifest: Manifest =
-            serde_json::from_value(value).map_err(|source| ManifestError::Parse { path: path.into(), source })?;
+            serde_json::from_value(value).map_err(|source| ManifestError::Parse {
+                path: path.into(),
+                source,
+            })?;
         manifest.validate(path)?;
         Ok(manifest)
     }
 
     fn validate(&self, path: &str) -> Result<(), ManifestError> {
-        let invalid = |reason: String| Err(ManifestError::Invalid { path: path.into(), reason });
-        if !matches!(self.activation_dtype.as_str(), "float32" | "float16" | "bfloat16") {
-            return invalid(format!("unknown activation_dtype `{}`", self.activation_dtype));
+        let invalid = |reason: String| {
+            Err(ManifestError::Invalid {
+                path: path.into(),
+                reason,
+            })
+        };
+        if !matches!(
+            self.activation_dtype.as_str(),
+            "float32" | "float16" | "bfloat16"
+        ) {
+            return invalid(format!(
+                "unknown activation_dtype `{}`",
+                self.activation_dtype
+            ));
         }
         if !matches!(self.kv_cache.as_str(), "concat" | "shared") {
             return invalid(format!("unknown kv_cache `{}`", self.kv_cache));
@@ -157,11 +192,19 @@ impl Manifest {
         if !matches!(self.logits.as_str(), "all" | "last") {
             return invalid(format!("unknown logits `{}`", self.logits));
         }
-        if !matches!(self.prompt.template.as_str(), "bunny-llama" | "chat-template" | "raw") {
-            return invalid(format!("unknown prompt.template `{}`", self.prompt.template));
+        if !matches!(
+            self.prompt.template.as_str(),
+            "bunny-llama" | "chat-template" | "raw"
+        ) {
+            return invalid(format!(
+                "unknown prompt.template `{}`",
+                self.prompt.template
+            ));
         }
         if self.vision.is_some() != self.graphs.vision.is_some() {
-            return invalid("`vision` and `graphs.vision` must be both present or both absent".into());
+            return invalid(
+                "`vision` and `graphs.vision` must be both present or both absent".into(),
+            );
         }
         let t = &self.text;
         if t.num_kv_heads == 0 || !t.num_attention_heads.is_multiple_of(t.num_kv_heads) {
@@ -220,8 +263,13 @@ mod tests {
     #[test]
     fn unknown_major_version_is_refused_with_both_versions() {
         let text = EXAMPLE.replace("carrot/1", "carrot/2");
-        let err = Manifest::parse(&text, "x/carrot.json").unwrap_err().to_string();
-        assert!(err.contains("carrot/2") && err.contains("carrot/1") && err.contains("x/carrot.json"), "{err}");
+        let err = Manifest::parse(&text, "x/carrot.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("carrot/2") && err.contains("carrot/1") && err.contains("x/carrot.json"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -47,7 +47,11 @@ pub fn present_value(layer: usize) -> String {
 
 /// Every input name of decoder.onnx, in graph order.
 pub fn decoder_inputs(num_layers: usize) -> Vec<String> {
-    let mut names = vec![INPUTS_EMBEDS.to_string(), ATTENTION_MASK.to_string(), POSITION_IDS.to_string()];
+    let mut names = vec![
+        INPUTS_EMBEDS.to_string(),
+        ATTENTION_MASK.to_string(),
+        POSITION_IDS.to_string(),
+    ];
     for i in 0..num_layers {
         names.push(past_key(i));
         names.push(past_value(i));
@@ -83,6 +87,9 @@ mod tests {
                 "past_key_values.1.value"
             ]
         );
-        assert_eq!(decoder_outputs(1), ["logits", "present.0.key", "present.0.value"]);
+        assert_eq!(
+            decoder_outputs(1),
+            ["logits", "present.0.key", "present.0.value"]
+        );
     }
 }

@@ -28,10 +28,22 @@ fn main() -> std::io::Result<()> {
         let p = format!("model.layers.{i}");
         tensors.push((format!("{p}.input_layernorm.weight"), vec![hidden]));
         tensors.push((format!("{p}.post_attention_layernorm.weight"), vec![hidden]));
-        tensors.push((format!("{p}.self_attn.q_proj.weight"), vec![heads * 64, hidden]));
-        tensors.push((format!("{p}.self_attn.k_proj.weight"), vec![kv * 64, hidden]));
-        tensors.push((format!("{p}.self_attn.v_proj.weight"), vec![kv * 64, hidden]));
-        tensors.push((format!("{p}.self_attn.o_proj.weight"), vec![hidden, heads * 64]));
+        tensors.push((
+            format!("{p}.self_attn.q_proj.weight"),
+            vec![heads * 64, hidden],
+        ));
+        tensors.push((
+            format!("{p}.self_attn.k_proj.weight"),
+            vec![kv * 64, hidden],
+        ));
+        tensors.push((
+            format!("{p}.self_attn.v_proj.weight"),
+            vec![kv * 64, hidden],
+        ));
+        tensors.push((
+            format!("{p}.self_attn.o_proj.weight"),
+            vec![hidden, heads * 64],
+        ));
         tensors.push((format!("{p}.mlp.gate_proj.weight"), vec![inter, hidden]));
         tensors.push((format!("{p}.mlp.up_proj.weight"), vec![inter, hidden]));
         tensors.push((format!("{p}.mlp.down_proj.weight"), vec![hidden, inter]));
@@ -85,7 +97,15 @@ fn main() -> std::io::Result<()> {
         "max_position_embeddings": 4096, "tie_word_embeddings": false,
         "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float16"
     });
-    std::fs::write(out.join("config.json"), serde_json::to_string_pretty(&config)?)?;
-    eprintln!("wrote {} ({} layers, {:.0} MB of fp16 weights)", out.display(), layers, offset as f64 / 1e6);
+    std::fs::write(
+        out.join("config.json"),
+        serde_json::to_string_pretty(&config)?,
+    )?;
+    eprintln!(
+        "wrote {} ({} layers, {:.0} MB of fp16 weights)",
+        out.display(),
+        layers,
+        offset as f64 / 1e6
+    );
     Ok(())
 }

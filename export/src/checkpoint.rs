@@ -433,7 +433,9 @@ fn release_pages(mmap: &Mmap, start: usize, end: usize) {
     if end > aligned {
         // SAFETY: the mapping is read-only and file-backed, and no reference into this range
         // outlives the conversion above; discarded pages are read again from the file if touched.
-        let _ = unsafe { mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, aligned, end - aligned) };
+        let _ = unsafe {
+            mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, aligned, end - aligned)
+        };
     }
 }
 

@@ -62,7 +62,8 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let format = WeightFormat::parse(&cli.dtype).with_context(|| format!("--dtype {}", cli.dtype))?;
+    let format =
+        WeightFormat::parse(&cli.dtype).with_context(|| format!("--dtype {}", cli.dtype))?;
     let plan = ExportPlan {
         model: cli.model,
         out: cli.out,
@@ -71,14 +72,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         vision_tower: cli.vision_tower,
         format,
         flavor: cli.flavor,
-        logits: if cli.logits == "last" { Logits::Last } else { Logits::All },
+        logits: if cli.logits == "last" {
+            Logits::Last
+        } else {
+            Logits::All
+        },
         force: cli.force,
         progress: !cli.quiet,
     };
     let summary = pipeline::export(&plan)?;
     eprintln!(
         "exported {} ({}, {}) to {} in {:.1} s, {} tensors",
-        if summary.multimodal { "vision + embed + decoder" } else { "embed + decoder" },
+        if summary.multimodal {
+            "vision + embed + decoder"
+        } else {
+            "embed + decoder"
+        },
         summary.dtype,
         plan.flavor,
         summary.out.display(),
@@ -99,5 +108,9 @@ fn human_bytes(b: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{b} B") } else { format!("{v:.1} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }

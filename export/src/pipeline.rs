@@ -90,13 +90,19 @@ pub enum PipelineError {
     #[error("building {graph}: {source}")]
     Graph { graph: String, source: GraphError },
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Plan(String),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PipelineError + '_ {
-    move |source| PipelineError::Io { path: path.to_path_buf(), source }
+    move |source| PipelineError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// The temporary output directory of the export in progress, for [`remove_partial_output`].
@@ -161,7 +167,10 @@ pub fn check_plan(plan: &ExportPlan) -> Result<(), PipelineError> {
         )));
     }
     if plan.out.exists() && !plan.out.is_dir() {
-        return Err(PipelineError::Plan(format!("--out {} exists and is not a directory", plan.out.display())));
+        return Err(PipelineError::Plan(format!(
+            "--out {} exists and is not a directory",
+            plan.out.display()
+        )));
     }
     Ok(())
 }
@@ -188,45 +197,83 @@ pub fn export(plan: &ExportPlan) -> Result<ExportSummary, PipelineError> {
     check_plan(plan)?;
     let start = Instant::now();
     let WeightFormat::Float(dtype) = plan.format else {
-        return Err(PipelineError::Plan("quantized export is not supported yet".into()));
+        return Err(PipelineError::Plan(
+            "quantized export is not supported yet".into(),
+        ));
     };
-    let mut model = source::open(&plan.model, plan.base.as_deref(), &plan.loras, plan.vision_tower.as_deref())?;
+    let mut model = source::open(
+        &plan.model,
+        plan.base.as_deref(),
+        &plan.loras,
+        plan.vision_tower.as_deref(),
+    )?;
 
     let out = absolute(&plan.out);
-    let parent = out.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+    let parent = out
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
     std::fs::create_dir_all(&parent).map_err(io(&parent))?;
-    let leaf = out.file_name().and_then(|n| n.to_str()).unwrap_or("export").to_string();
+    let leaf = out
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("export")
+        .to_string();
     let tmp = TempDir::new(parent.join(format!(".{leaf}.partial-{}", std::process::id())));
     if tmp.path.exists() {
         std::fs::remove_dir_all(&tmp.path).map_err(io(&tmp.path))?;
     }
     std::fs::create_dir_all(&tmp.path).map_err(io(&tmp.path))?;
 
-    let bar = if plan.progress { ProgressBar::new(model.weights.bytes_total()) } else { ProgressBar::hidden() };
+    let bar = if plan.progress {
+        ProgressBar::new(model.weights.bytes_total())
+    } else {
+        ProgressBar::hidden()
+    };
     bar.set_style(
-        ProgressStyle::with_template("{spinner} {prefix:>12} [{bar:30}] {binary_bytes}/{binary_total_bytes} {wide_msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{spinner} {prefix:>12} [{bar:30}] {binary_bytes}/{binary_total_bytes} {wide_msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
     let mut files = Vec::new();
     let mut tensors = 0;
     {
-        let mut weights = Progress { inner: &mut model.weights, bar: bar.clone(), tensors: 0 };
+        let mut weights = Progress {
+            inner: &mut model.weights,
+            bar: bar.clone(),
+            tensors: 0,
+        };
         let text = model.text.clone();
         if let ModelKind::Multimodal(mm) = &model.kind {
             let mm = mm.clone();
             bar.set_prefix(names::VISION_GRAPH);
-            files.extend(write_graph(&tmp.path, names::VISION_GRAPH, dtype, &mut weights, |ctx| {
-                vision::build_vision(ctx, &mm.vision, &mm.projector)
-            })?);
+            files.extend(write_graph(
+                &tmp.path,
+                names::VISION_GRAPH,
+                dtype,
+                &mut weights,
+                |ctx| vision::build_vision(ctx, &mm.vision, &mm.projector),
+            )?);
         }
         bar.set_prefix(names::EMBED_GRAPH);
-        files.extend(write_graph(&tmp.path, names::EMBED_GRAPH, dtype, &mut weights, |ctx| llama::build_embed(ctx, &text))?);
+        files.extend(write_graph(
+            &tmp.path,
+            names::EMBED_GRAPH,
+            dtype,
+            &mut weights,
+            |ctx| llama::build_embed(ctx, &text),
+        )?);
         let inv_freq = llama3_inv_freq(text.head_dim, &text.rope);
         bar.set_prefix(names::DECODER_GRAPH);
-        files.extend(write_graph(&tmp.path, names::DECODER_GRAPH, dtype, &mut weights, |ctx| {
-            llama::build_decoder(ctx, &text, &inv_freq, plan.logits)
-        })?);
+        files.extend(write_graph(
+            &tmp.path,
+            names::DECODER_GRAPH,
+            dtype,
+            &mut weights,
+            |ctx| llama::build_decoder(ctx, &text, &inv_freq, plan.logits),
+        )?);
         tensors += weights.tensors;
     }
     bar.finish_and_clear();
@@ -236,7 +283,9 @@ pub fn export(plan: &ExportPlan) -> Result<ExportSummary, PipelineError> {
     std::fs::write(&manifest_path, manifest.to_json()).map_err(io(&manifest_path))?;
     files.push((names::MANIFEST_FILE.to_string(), file_len(&manifest_path)));
     for src in &model.support_files {
-        let Some(name) = src.file_name() else { continue };
+        let Some(name) = src.file_name() else {
+            continue;
+        };
         let dst = tmp.path.join(name);
         std::fs::copy(src, &dst).map_err(io(src))?;
         files.push((name.to_string_lossy().into_owned(), file_len(&dst)));
@@ -259,7 +308,9 @@ fn absolute(p: &Path) -> PathBuf {
     if p.is_absolute() {
         p.to_path_buf()
     } else {
-        std::env::current_dir().map(|d| d.join(p)).unwrap_or_else(|_| p.to_path_buf())
+        std::env::current_dir()
+            .map(|d| d.join(p))
+            .unwrap_or_else(|_| p.to_path_buf())
     }
 }
 
@@ -281,9 +332,16 @@ fn write_graph(
     let sink = Box::new(BufWriter::with_capacity(8 << 20, data));
     let graph_name = file.trim_end_matches(".onnx");
     let mut builder = GraphBuilder::with_external_data(graph_name, &data_name, sink);
-    let graph_err = |source| PipelineError::Graph { graph: file.to_string(), source };
+    let graph_err = |source| PipelineError::Graph {
+        graph: file.to_string(),
+        source,
+    };
     {
-        let mut ctx = Ctx { b: &mut builder, weights, dtype };
+        let mut ctx = Ctx {
+            b: &mut builder,
+            weights,
+            dtype,
+        };
         build(&mut ctx).map_err(graph_err)?;
     }
     let external = builder.external_bytes();
@@ -306,7 +364,10 @@ fn write_graph(
 fn move_into_place(tmp: &Path, out: &Path, force: bool) -> Result<(), PipelineError> {
     if out.exists() {
         if !force {
-            return Err(PipelineError::Plan(format!("--out {} already exists; pass --force to replace it", out.display())));
+            return Err(PipelineError::Plan(format!(
+                "--out {} already exists; pass --force to replace it",
+                out.display()
+            )));
         }
         let old = out.with_file_name(format!(
             ".{}.old-{}",
@@ -316,7 +377,10 @@ fn move_into_place(tmp: &Path, out: &Path, force: bool) -> Result<(), PipelineEr
         std::fs::rename(out, &old).map_err(io(out))?;
         if let Err(e) = std::fs::rename(tmp, out) {
             let _ = std::fs::rename(&old, out);
-            return Err(PipelineError::Io { path: out.to_path_buf(), source: e });
+            return Err(PipelineError::Io {
+                path: out.to_path_buf(),
+                source: e,
+            });
         }
         std::fs::remove_dir_all(&old).map_err(io(&old))?;
     } else {
@@ -329,7 +393,10 @@ fn build_manifest(plan: &ExportPlan, model: &ResolvedModel, dtype: DType) -> Man
     let text = &model.text;
     let gen_cfg = &model.generation;
     let mm = model.kind.multimodal();
-    let has_chat_template = model.support_files.iter().any(|p| p.ends_with("chat_template.jinja"))
+    let has_chat_template = model
+        .support_files
+        .iter()
+        .any(|p| p.ends_with("chat_template.jinja"))
         || model
             .support_files
             .iter()
@@ -348,14 +415,24 @@ fn build_manifest(plan: &ExportPlan, model: &ResolvedModel, dtype: DType) -> Man
     let sampling = if gen_cfg.do_sample == Some(false) {
         (0.0, 1.0)
     } else {
-        (gen_cfg.temperature.unwrap_or(1.0), gen_cfg.top_p.unwrap_or(1.0))
+        (
+            gen_cfg.temperature.unwrap_or(1.0),
+            gen_cfg.top_p.unwrap_or(1.0),
+        )
     };
     Manifest {
         format: manifest::FORMAT.into(),
-        exporter: manifest::Exporter { name: "carrot-export".into(), version: env!("CARGO_PKG_VERSION").into() },
+        exporter: manifest::Exporter {
+            name: "carrot-export".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        },
         source: manifest::Source {
             model: plan.model.display().to_string(),
-            lora: model.loras.iter().map(|p| p.display().to_string()).collect(),
+            lora: model
+                .loras
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect(),
             dtype_in: model.source_dtype.clone(),
             base: plan.base.as_ref().map(|p| p.display().to_string()),
         },
@@ -393,7 +470,11 @@ fn build_manifest(plan: &ExportPlan, model: &ResolvedModel, dtype: DType) -> Man
             image_token: "<image>".into(),
             image_token_index: -200,
             bos_token_id: gen_cfg.bos_token_id.and_then(|b| u32::try_from(b).ok()),
-            eos_token_ids: gen_cfg.eos_token_ids.iter().filter_map(|&e| u32::try_from(e).ok()).collect(),
+            eos_token_ids: gen_cfg
+                .eos_token_ids
+                .iter()
+                .filter_map(|&e| u32::try_from(e).ok())
+                .collect(),
             max_length,
         },
         sampling_defaults: manifest::SamplingDefaults {
@@ -406,4 +487,3 @@ fn build_manifest(plan: &ExportPlan, model: &ResolvedModel, dtype: DType) -> Man
         max_sequence: None,
     }
 }
-

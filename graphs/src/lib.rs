@@ -4,13 +4,13 @@
 //! [`weights::WeightSource`]; large initializers leave through the external-data sink given to
 //! the builder.
 
-pub mod config;
-pub mod weights;
 pub mod builder;
+pub mod config;
 pub mod external;
-pub mod onnx;
 pub mod llama;
 pub mod nn;
+pub mod onnx;
 pub mod projector;
 pub mod siglip;
 pub mod vision;
+pub mod weights;

@@ -49,30 +49,54 @@ fn check(cfg: &TextConfig) -> Result<()> {
         )));
     }
     if !cfg.head_dim.is_multiple_of(2) {
-        return Err(GraphError::Config(format!("head_dim {} must be even for rotary embeddings", cfg.head_dim)));
+        return Err(GraphError::Config(format!(
+            "head_dim {} must be even for rotary embeddings",
+            cfg.head_dim
+        )));
     }
     Ok(())
 }
 
 /// embed.onnx: `input_ids` → `inputs_embeds` (`Gather` on `model.embed_tokens.weight`).
 pub fn build_embed(ctx: &mut Ctx<'_>, cfg: &TextConfig) -> Result<()> {
-    let ids = ctx.b.input(names::INPUT_IDS, ElemType::I64, &[Dim::from(names::DIM_BATCH), Dim::from(names::DIM_SEQUENCE)])?;
-    let table = ctx.param("model.embed_tokens.weight", &[cfg.vocab_size, cfg.hidden_size])?;
+    let ids = ctx.b.input(
+        names::INPUT_IDS,
+        ElemType::I64,
+        &[Dim::from(names::DIM_BATCH), Dim::from(names::DIM_SEQUENCE)],
+    )?;
+    let table = ctx.param(
+        "model.embed_tokens.weight",
+        &[cfg.vocab_size, cfg.hidden_size],
+    )?;
     ctx.b.push_scope("/model/embed_tokens");
-    let out = ctx.b.op("Gather", "Gather", &[&table, &ids]).attr_int("axis", 0).output_names(&[names::INPUTS_EMBEDS]).build();
+    let out = ctx
+        .b
+        .op("Gather", "Gather", &[&table, &ids])
+        .attr_int("axis", 0)
+        .output_names(&[names::INPUTS_EMBEDS])
+        .build();
     ctx.b.pop_scope();
     let elem = ctx.elem();
     ctx.b.output(
         &out?,
         elem,
-        &[Dim::from(names::DIM_BATCH), Dim::from(names::DIM_SEQUENCE), Dim::Fixed(cfg.hidden_size as i64)],
+        &[
+            Dim::from(names::DIM_BATCH),
+            Dim::from(names::DIM_SEQUENCE),
+            Dim::Fixed(cfg.hidden_size as i64),
+        ],
     )?;
     Ok(())
 }
 
 /// decoder.onnx. `inv_freq` holds the (possibly llama3-scaled) rotary inverse frequencies,
 /// `head_dim / 2` float32 values computed exactly as transformers does.
-pub fn build_decoder(ctx: &mut Ctx<'_>, cfg: &TextConfig, inv_freq: &[f32], logits: Logits) -> Result<()> {
+pub fn build_decoder(
+    ctx: &mut Ctx<'_>,
+    cfg: &TextConfig,
+    inv_freq: &[f32],
+    logits: Logits,
+) -> Result<()> {
     check(cfg)?;
     if inv_freq.len() * 2 != cfg.head_dim {
         return Err(GraphError::Config(format!(
@@ -88,10 +112,23 @@ pub fn build_decoder(ctx: &mut Ctx<'_>, cfg: &TextConfig, inv_freq: &[f32], logi
         Dim::from(names::DIM_PAST),
         Dim::from(names::DIM_TOTAL),
     );
-    let (kvh, hd) = (Dim::Fixed(cfg.num_kv_heads as i64), Dim::Fixed(cfg.head_dim as i64));
-    let embeds = ctx.b.input(names::INPUTS_EMBEDS, elem, &[b.clone(), s.clone(), Dim::Fixed(cfg.hidden_size as i64)])?;
-    let mask = ctx.b.input(names::ATTENTION_MASK, ElemType::I64, &[b.clone(), total.clone()])?;
-    let positions = ctx.b.input(names::POSITION_IDS, ElemType::I64, &[b.clone(), s.clone()])?;
+    let (kvh, hd) = (
+        Dim::Fixed(cfg.num_kv_heads as i64),
+        Dim::Fixed(cfg.head_dim as i64),
+    );
+    let embeds = ctx.b.input(
+        names::INPUTS_EMBEDS,
+        elem,
+        &[b.clone(), s.clone(), Dim::Fixed(cfg.hidden_size as i64)],
+    )?;
+    let mask = ctx.b.input(
+        names::ATTENTION_MASK,
+        ElemType::I64,
+        &[b.clone(), total.clone()],
+    )?;
+    let positions = ctx
+        .b
+        .input(names::POSITION_IDS, ElemType::I64, &[b.clone(), s.clone()])?;
     let mut pasts = Vec::with_capacity(cfg.num_layers);
     for i in 0..cfg.num_layers {
         let dims = [b.clone(), kvh.clone(), past.clone(), hd.clone()];
@@ -109,7 +146,14 @@ pub fn build_decoder(ctx: &mut Ctx<'_>, cfg: &TextConfig, inv_freq: &[f32], logi
         x = y;
     }
 
-    let x = nn::rms_norm(ctx, "/model/norm", "model.norm", &x, cfg.hidden_size, cfg.rms_norm_eps)?;
+    let x = nn::rms_norm(
+        ctx,
+        "/model/norm",
+        "model.norm",
+        &x,
+        cfg.hidden_size,
+        cfg.rms_norm_eps,
+    )?;
     let x = match logits {
         Logits::All => x,
         Logits::Last => {
@@ -133,9 +177,18 @@ pub fn build_decoder(ctx: &mut Ctx<'_>, cfg: &TextConfig, inv_freq: &[f32], logi
     let out = (|| -> Result<Value> {
         let y = ctx.b.matmul("MatMul", &x, &w)?;
         if ctx.dtype == crate::config::DType::F32 {
-            Ok(ctx.b.op("Identity", "Identity", &[&y]).output_names(&[names::LOGITS]).build()?)
+            Ok(ctx
+                .b
+                .op("Identity", "Identity", &[&y])
+                .output_names(&[names::LOGITS])
+                .build()?)
         } else {
-            Ok(ctx.b.op("Cast", "Cast", &[&y]).attr_int("to", ElemType::F32.onnx() as i64).output_names(&[names::LOGITS]).build()?)
+            Ok(ctx
+                .b
+                .op("Cast", "Cast", &[&y])
+                .attr_int("to", ElemType::F32.onnx() as i64)
+                .output_names(&[names::LOGITS])
+                .build()?)
         }
     })();
     ctx.b.pop_scope();
@@ -143,7 +196,11 @@ pub fn build_decoder(ctx: &mut Ctx<'_>, cfg: &TextConfig, inv_freq: &[f32], logi
         Logits::All => s.clone(),
         Logits::Last => Dim::Fixed(1),
     };
-    ctx.b.output(&out?, ElemType::F32, &[b.clone(), seq_dim, Dim::Fixed(vocab as i64)])?;
+    ctx.b.output(
+        &out?,
+        ElemType::F32,
+        &[b.clone(), seq_dim, Dim::Fixed(vocab as i64)],
+    )?;
     // Outputs in contract order: logits, then present.{i}.key / present.{i}.value.
     for (present_k, present_v) in &presents {
         let dims = [b.clone(), kvh.clone(), total.clone(), hd.clone()];
@@ -173,7 +230,12 @@ fn shared_inputs(
 ) -> Result<Shared> {
     let half = cfg.head_dim / 2;
     let inv_freq_bytes: Vec<u8> = inv_freq.iter().flat_map(|f| f.to_le_bytes()).collect();
-    let inv = ctx.b.initializer("model.rotary_emb.inv_freq", ElemType::F32, &[half], &inv_freq_bytes)?;
+    let inv = ctx.b.initializer(
+        "model.rotary_emb.inv_freq",
+        ElemType::F32,
+        &[half],
+        &inv_freq_bytes,
+    )?;
     ctx.b.push_scope("/model/rotary_emb");
     let rope = (|| -> Result<(Value, Value, Value, Value)> {
         let pos = ctx.b.cast("Cast", positions, ElemType::F32)?;
@@ -223,16 +285,31 @@ fn shared_inputs(
         let axes12 = ctx.b.const_i64("axes12", &[1, 2])?;
         let allowed = ctx.b.unsqueeze("Unsqueeze_3", &allowed, &axes12)?;
         let open = ctx.b.const_scalar("open", ElemType::F32, 0.0)?;
-        let closed = ctx.b.const_scalar("closed", ElemType::F32, f32::MIN as f64)?;
+        let closed = ctx
+            .b
+            .const_scalar("closed", ElemType::F32, f32::MIN as f64)?;
         Ok(ctx.b.where_("Where", &allowed, &open, &closed)?)
     })();
     ctx.b.pop_scope();
-    Ok(Shared { cos_k, sin_k, cos_q, sin_q, mask: mask? })
+    Ok(Shared {
+        cos_k,
+        sin_k,
+        cos_q,
+        sin_q,
+        mask: mask?,
+    })
 }
 
 /// `apply_rotary_pos_emb` for one tensor: `x·cos + rotate_half(x)·sin`,
 /// `rotate_half(x) = concat(-x[…, d/2:], x[…, :d/2])`.
-fn rotate(ctx: &mut Ctx<'_>, name: &str, x: &Value, cos: &Value, sin: &Value, head_dim: usize) -> Result<Value> {
+fn rotate(
+    ctx: &mut Ctx<'_>,
+    name: &str,
+    x: &Value,
+    cos: &Value,
+    sin: &Value,
+    head_dim: usize,
+) -> Result<Value> {
     let h = head_dim as i64 / 2;
     ctx.b.push_scope(name);
     let r = (|| -> Result<Value> {
@@ -275,14 +352,45 @@ fn attention(
     shared: &Shared,
 ) -> Result<(Value, Value, Value)> {
     let key = format!("model.layers.{layer}.self_attn");
-    let (hidden, heads, kv, d) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_kv_heads, cfg.head_dim);
+    let (hidden, heads, kv, d) = (
+        cfg.hidden_size,
+        cfg.num_attention_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+    );
     let rep = heads / kv;
     let bias = cfg.attention_bias;
-    let q = nn::linear(ctx, "q_proj", &format!("{key}.q_proj"), x, hidden, heads * d, bias)?;
-    let k = nn::linear(ctx, "k_proj", &format!("{key}.k_proj"), x, hidden, kv * d, bias)?;
-    let v = nn::linear(ctx, "v_proj", &format!("{key}.v_proj"), x, hidden, kv * d, bias)?;
+    let q = nn::linear(
+        ctx,
+        "q_proj",
+        &format!("{key}.q_proj"),
+        x,
+        hidden,
+        heads * d,
+        bias,
+    )?;
+    let k = nn::linear(
+        ctx,
+        "k_proj",
+        &format!("{key}.k_proj"),
+        x,
+        hidden,
+        kv * d,
+        bias,
+    )?;
+    let v = nn::linear(
+        ctx,
+        "v_proj",
+        &format!("{key}.v_proj"),
+        x,
+        hidden,
+        kv * d,
+        bias,
+    )?;
 
-    let q_shape = ctx.b.const_i64("q_shape", &[0, 0, kv as i64, rep as i64, d as i64])?;
+    let q_shape = ctx
+        .b
+        .const_i64("q_shape", &[0, 0, kv as i64, rep as i64, d as i64])?;
     let q = ctx.b.reshape("q/Reshape", &q, &q_shape)?;
     let q = ctx.b.transpose("q/Transpose", &q, &[0, 2, 3, 1, 4])?;
     let kv_shape = ctx.b.const_i64("kv_shape", &[0, 0, kv as i64, d as i64])?;
@@ -308,7 +416,9 @@ fn attention(
         .build()?;
 
     let axis2 = ctx.b.const_i64("group_axis", &[2])?;
-    let kt = ctx.b.transpose("k/Transpose_1", &present_k, &[0, 1, 3, 2])?;
+    let kt = ctx
+        .b
+        .transpose("k/Transpose_1", &present_k, &[0, 1, 3, 2])?;
     let kt = ctx.b.unsqueeze("k/Unsqueeze", &kt, &axis2)?;
     let vg = ctx.b.unsqueeze("v/Unsqueeze", &present_v, &axis2)?;
     let scores = ctx.b.matmul("MatMul", &q, &kt)?;
@@ -319,9 +429,19 @@ fn attention(
     let probs = nn::softmax_f32(ctx, &scores)?;
     let out = ctx.b.matmul("MatMul_1", &probs, &vg)?;
     let out = ctx.b.transpose("Transpose", &out, &[0, 3, 1, 2, 4])?;
-    let merge = ctx.b.const_i64("merge_heads", &[0, 0, (heads * d) as i64])?;
+    let merge = ctx
+        .b
+        .const_i64("merge_heads", &[0, 0, (heads * d) as i64])?;
     let out = ctx.b.reshape("Reshape", &out, &merge)?;
-    let out = nn::linear(ctx, "o_proj", &format!("{key}.o_proj"), &out, heads * d, hidden, bias)?;
+    let out = nn::linear(
+        ctx,
+        "o_proj",
+        &format!("{key}.o_proj"),
+        &out,
+        heads * d,
+        hidden,
+        bias,
+    )?;
     Ok((out, present_k, present_v))
 }
 
@@ -333,7 +453,15 @@ fn mlp(ctx: &mut Ctx<'_>, cfg: &TextConfig, layer: usize, x: &Value) -> Result<V
     let u = nn::linear(ctx, "up_proj", &format!("{key}.up_proj"), x, h, i, bias)?;
     let g = nn::silu(ctx, "act_fn", &g)?;
     let y = ctx.b.mul("Mul", &g, &u)?;
-    nn::linear(ctx, "down_proj", &format!("{key}.down_proj"), &y, i, h, bias)
+    nn::linear(
+        ctx,
+        "down_proj",
+        &format!("{key}.down_proj"),
+        &y,
+        i,
+        h,
+        bias,
+    )
 }
 
 /// `LlamaDecoderLayer`: pre-norm attention and MLP with residuals.
@@ -350,13 +478,27 @@ fn decoder_layer(
     let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
     ctx.b.push_scope(&format!("/model/layers.{layer}"));
     let r = (|| {
-        let n1 = nn::rms_norm(ctx, "input_layernorm", &format!("{key}.input_layernorm"), x, h, eps)?;
+        let n1 = nn::rms_norm(
+            ctx,
+            "input_layernorm",
+            &format!("{key}.input_layernorm"),
+            x,
+            h,
+            eps,
+        )?;
         ctx.b.push_scope("attn");
         let a = attention(ctx, cfg, layer, &n1, past_k, past_v, shared);
         ctx.b.pop_scope();
         let (a, pk, pv) = a?;
         let h1 = ctx.b.add("residual/Add", x, &a)?;
-        let n2 = nn::rms_norm(ctx, "post_attention_layernorm", &format!("{key}.post_attention_layernorm"), &h1, h, eps)?;
+        let n2 = nn::rms_norm(
+            ctx,
+            "post_attention_layernorm",
+            &format!("{key}.post_attention_layernorm"),
+            &h1,
+            h,
+            eps,
+        )?;
         ctx.b.push_scope("mlp");
         let m = mlp(ctx, cfg, layer, &n2);
         ctx.b.pop_scope();

@@ -15,7 +15,11 @@ pub enum GraphError {
     #[error(transparent)]
     Weight(#[from] WeightError),
     #[error("tensor {name}: expected shape {expected:?}, found {actual:?}")]
-    Shape { name: String, expected: Vec<usize>, actual: Vec<usize> },
+    Shape {
+        name: String,
+        expected: Vec<usize>,
+        actual: Vec<usize>,
+    },
     #[error("{0}")]
     Config(String),
 }
@@ -39,14 +43,20 @@ impl Ctx<'_> {
     pub fn fetch(&mut self, name: &str, expected: &[usize]) -> Result<Tensor> {
         let t = self.weights.tensor(name)?;
         if t.shape != expected {
-            return Err(GraphError::Shape { name: name.into(), expected: expected.to_vec(), actual: t.shape });
+            return Err(GraphError::Shape {
+                name: name.into(),
+                expected: expected.to_vec(),
+                actual: t.shape,
+            });
         }
         Ok(t)
     }
 
     /// Store a tensor as an initializer in `dtype`.
     pub fn store(&mut self, name: &str, t: &Tensor, dtype: DType) -> Result<Value> {
-        Ok(self.b.initializer(name, ElemType::from(dtype), &t.shape, &t.to_bytes(dtype))?)
+        Ok(self
+            .b
+            .initializer(name, ElemType::from(dtype), &t.shape, &t.to_bytes(dtype))?)
     }
 
     /// Fetch a weight, check its shape and store it in the graph's dtype under its own name.
@@ -69,7 +79,11 @@ impl Ctx<'_> {
 
     /// Cast to float32 unless already float32.
     pub fn to_f32(&mut self, name: &str, x: &Value) -> Result<Value> {
-        if self.dtype == DType::F32 { Ok(x.clone()) } else { Ok(self.b.cast(name, x, ElemType::F32)?) }
+        if self.dtype == DType::F32 {
+            Ok(x.clone())
+        } else {
+            Ok(self.b.cast(name, x, ElemType::F32)?)
+        }
     }
 
     /// Cast from float32 back to the activation dtype unless it is float32.
@@ -91,8 +105,18 @@ impl Ctx<'_> {
 /// ```text
 ///   x ──MatMul(key.weight.T)──[Add(key.bias)]──▶ y
 /// ```
-pub fn linear(ctx: &mut Ctx<'_>, scope: &str, key: &str, x: &Value, in_f: usize, out_f: usize, bias: bool) -> Result<Value> {
-    let w = ctx.fetch(&format!("{key}.weight"), &[out_f, in_f])?.transposed();
+pub fn linear(
+    ctx: &mut Ctx<'_>,
+    scope: &str,
+    key: &str,
+    x: &Value,
+    in_f: usize,
+    out_f: usize,
+    bias: bool,
+) -> Result<Value> {
+    let w = ctx
+        .fetch(&format!("{key}.weight"), &[out_f, in_f])?
+        .transposed();
     let dtype = ctx.dtype;
     let w = ctx.store(&format!("{key}.weight.T"), &w, dtype)?;
     ctx.b.push_scope(scope);
@@ -118,7 +142,14 @@ pub fn linear(ctx: &mut Ctx<'_>, scope: &str, key: &str, x: &Value, in_f: usize,
 ///   x ─Cast(f32)─┬─Pow(2)─ReduceMean(-1)─Add(eps)─Sqrt─┐
 ///                └───────────────────────────────────Div─Cast(dtype)─Mul(weight)─▶ y
 /// ```
-pub fn rms_norm(ctx: &mut Ctx<'_>, scope: &str, key: &str, x: &Value, dim: usize, eps: f64) -> Result<Value> {
+pub fn rms_norm(
+    ctx: &mut Ctx<'_>,
+    scope: &str,
+    key: &str,
+    x: &Value,
+    dim: usize,
+    eps: f64,
+) -> Result<Value> {
     let weight = ctx.param(&format!("{key}.weight"), &[dim])?;
     ctx.b.push_scope(scope);
     let result = (|| {
@@ -139,13 +170,22 @@ pub fn rms_norm(ctx: &mut Ctx<'_>, scope: &str, key: &str, x: &Value, dim: usize
 }
 
 /// `nn.LayerNorm(dim, eps)` over the last axis, computed in float32.
-pub fn layer_norm(ctx: &mut Ctx<'_>, scope: &str, key: &str, x: &Value, dim: usize, eps: f64) -> Result<Value> {
+pub fn layer_norm(
+    ctx: &mut Ctx<'_>,
+    scope: &str,
+    key: &str,
+    x: &Value,
+    dim: usize,
+    eps: f64,
+) -> Result<Value> {
     let weight = ctx.param_f32(&format!("{key}.weight"), &[dim])?;
     let bias = ctx.param_f32(&format!("{key}.bias"), &[dim])?;
     ctx.b.push_scope(scope);
     let result = (|| {
         let x32 = ctx.to_f32("Cast", x)?;
-        let y = ctx.b.layer_norm("LayerNormalization", &x32, &weight, &bias, -1, eps)?;
+        let y = ctx
+            .b
+            .layer_norm("LayerNormalization", &x32, &weight, &bias, -1, eps)?;
         ctx.from_f32("Cast_1", &y)
     })();
     ctx.b.pop_scope();

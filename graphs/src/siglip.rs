@@ -21,24 +21,48 @@ pub fn embeddings(ctx: &mut Ctx<'_>, cfg: &VisionConfig, pixel_values: &Value) -
     let conv_f32 = ctx.dtype == crate::config::DType::BF16;
     let (w, bias) = if conv_f32 {
         (
-            ctx.param_f32(&format!("{PREFIX}.embeddings.patch_embedding.weight"), &[h, c, p, p])?,
+            ctx.param_f32(
+                &format!("{PREFIX}.embeddings.patch_embedding.weight"),
+                &[h, c, p, p],
+            )?,
             ctx.param_f32(&format!("{PREFIX}.embeddings.patch_embedding.bias"), &[h])?,
         )
     } else {
         (
-            ctx.param(&format!("{PREFIX}.embeddings.patch_embedding.weight"), &[h, c, p, p])?,
+            ctx.param(
+                &format!("{PREFIX}.embeddings.patch_embedding.weight"),
+                &[h, c, p, p],
+            )?,
             ctx.param(&format!("{PREFIX}.embeddings.patch_embedding.bias"), &[h])?,
         )
     };
-    let pos = ctx.param(&format!("{PREFIX}.embeddings.position_embedding.weight"), &[n, h])?;
+    let pos = ctx.param(
+        &format!("{PREFIX}.embeddings.position_embedding.weight"),
+        &[n, h],
+    )?;
     ctx.b.push_scope("/vision/embeddings");
     let result = (|| {
-        let x = if conv_f32 { pixel_values.clone() } else { ctx.from_f32("Cast", pixel_values)? };
+        let x = if conv_f32 {
+            pixel_values.clone()
+        } else {
+            ctx.from_f32("Cast", pixel_values)?
+        };
         ctx.b.push_scope("patch_embedding");
-        let x = ctx.b.conv("Conv", &x, &w, Some(&bias), &[p as i64, p as i64], &[p as i64, p as i64]);
+        let x = ctx.b.conv(
+            "Conv",
+            &x,
+            &w,
+            Some(&bias),
+            &[p as i64, p as i64],
+            &[p as i64, p as i64],
+        );
         ctx.b.pop_scope();
         let x = x?;
-        let x = if conv_f32 { ctx.from_f32("Cast", &x)? } else { x };
+        let x = if conv_f32 {
+            ctx.from_f32("Cast", &x)?
+        } else {
+            x
+        };
         let shape = ctx.b.const_i64("flatten_shape", &[0, h as i64, -1])?;
         let x = ctx.b.reshape("Reshape", &x, &shape)?;
         let x = ctx.b.transpose("Transpose", &x, &[0, 2, 1])?;
@@ -59,10 +83,36 @@ pub fn embeddings(ctx: &mut Ctx<'_>, cfg: &VisionConfig, pixel_values: &Value) -
 fn attention(ctx: &mut Ctx<'_>, cfg: &VisionConfig, key: &str, x: &Value) -> Result<Value> {
     let (hidden, heads) = (cfg.hidden_size, cfg.num_attention_heads);
     let d = hidden / heads;
-    let q = nn::linear(ctx, "q_proj", &format!("{key}.q_proj"), x, hidden, hidden, true)?;
-    let k = nn::linear(ctx, "k_proj", &format!("{key}.k_proj"), x, hidden, hidden, true)?;
-    let v = nn::linear(ctx, "v_proj", &format!("{key}.v_proj"), x, hidden, hidden, true)?;
-    let split = ctx.b.const_i64("split_heads", &[0, 0, heads as i64, d as i64])?;
+    let q = nn::linear(
+        ctx,
+        "q_proj",
+        &format!("{key}.q_proj"),
+        x,
+        hidden,
+        hidden,
+        true,
+    )?;
+    let k = nn::linear(
+        ctx,
+        "k_proj",
+        &format!("{key}.k_proj"),
+        x,
+        hidden,
+        hidden,
+        true,
+    )?;
+    let v = nn::linear(
+        ctx,
+        "v_proj",
+        &format!("{key}.v_proj"),
+        x,
+        hidden,
+        hidden,
+        true,
+    )?;
+    let split = ctx
+        .b
+        .const_i64("split_heads", &[0, 0, heads as i64, d as i64])?;
     let q = ctx.b.reshape("q/Reshape", &q, &split)?;
     let q = ctx.b.transpose("q/Transpose", &q, &[0, 2, 1, 3])?;
     let k = ctx.b.reshape("k/Reshape", &k, &split)?;
@@ -78,7 +128,15 @@ fn attention(ctx: &mut Ctx<'_>, cfg: &VisionConfig, key: &str, x: &Value) -> Res
     let out = ctx.b.transpose("Transpose", &out, &[0, 2, 1, 3])?;
     let merge = ctx.b.const_i64("merge_heads", &[0, 0, hidden as i64])?;
     let out = ctx.b.reshape("Reshape", &out, &merge)?;
-    nn::linear(ctx, "out_proj", &format!("{key}.out_proj"), &out, hidden, hidden, true)
+    nn::linear(
+        ctx,
+        "out_proj",
+        &format!("{key}.out_proj"),
+        &out,
+        hidden,
+        hidden,
+        true,
+    )
 }
 
 /// `SiglipMLP`: `fc2(act(fc1(x)))`.
@@ -104,7 +162,14 @@ fn encoder_layer(ctx: &mut Ctx<'_>, cfg: &VisionConfig, layer: usize, x: &Value)
         let a = attention(ctx, cfg, &format!("{key}.self_attn"), &n1);
         ctx.b.pop_scope();
         let h1 = ctx.b.add("residual/Add", x, &a?)?;
-        let n2 = nn::layer_norm(ctx, "layer_norm2", &format!("{key}.layer_norm2"), &h1, h, eps)?;
+        let n2 = nn::layer_norm(
+            ctx,
+            "layer_norm2",
+            &format!("{key}.layer_norm2"),
+            &h1,
+            h,
+            eps,
+        )?;
         ctx.b.push_scope("mlp");
         let m = mlp(ctx, cfg, &format!("{key}.mlp"), &n2);
         ctx.b.pop_scope();
@@ -142,6 +207,11 @@ pub fn pixel_values_input(ctx: &mut Ctx<'_>, cfg: &VisionConfig) -> Result<Value
     Ok(ctx.b.input(
         carrot_contract::names::PIXEL_VALUES,
         ElemType::F32,
-        &[Dim::from(carrot_contract::names::DIM_BATCH), Dim::Fixed(cfg.num_channels as i64), Dim::Fixed(s), Dim::Fixed(s)],
+        &[
+            Dim::from(carrot_contract::names::DIM_BATCH),
+            Dim::Fixed(cfg.num_channels as i64),
+            Dim::Fixed(s),
+            Dim::Fixed(s),
+        ],
     )?)
 }

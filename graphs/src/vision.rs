@@ -8,7 +8,11 @@ use crate::nn::{Ctx, GraphError, Result};
 use crate::{projector, siglip};
 
 /// Build the whole vision graph: `pixel_values` → `image_features`.
-pub fn build_vision(ctx: &mut Ctx<'_>, vision: &VisionConfig, proj: &ProjectorConfig) -> Result<()> {
+pub fn build_vision(
+    ctx: &mut Ctx<'_>,
+    vision: &VisionConfig,
+    proj: &ProjectorConfig,
+) -> Result<()> {
     if proj.in_features != vision.hidden_size {
         return Err(GraphError::Config(format!(
             "projector input width {} (mm_hidden_size) does not match the vision tower's hidden_size {}",
@@ -19,7 +23,11 @@ pub fn build_vision(ctx: &mut Ctx<'_>, vision: &VisionConfig, proj: &ProjectorCo
     let features = siglip::vision_tower(ctx, vision, &pixels)?;
     let projected = projector::projector(ctx, proj, &features)?;
     ctx.b.push_scope("/mm_projector");
-    let out = ctx.b.op("Identity", "output", &[&projected]).output_names(&[names::IMAGE_FEATURES]).build();
+    let out = ctx
+        .b
+        .op("Identity", "output", &[&projected])
+        .output_names(&[names::IMAGE_FEATURES])
+        .build();
     ctx.b.pop_scope();
     let elem: ElemType = ctx.elem();
     ctx.b.output(

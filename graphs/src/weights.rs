@@ -51,7 +51,10 @@ impl Tensor {
                 }
             }
         }
-        Tensor { shape: vec![cols, rows], data: out }
+        Tensor {
+            shape: vec![cols, rows],
+            data: out,
+        }
     }
 
     /// Little-endian bytes of this tensor converted to `dtype` (round to nearest even).
@@ -108,7 +111,10 @@ mod tests {
     #[test]
     fn bytes_in_each_dtype() {
         let t = Tensor::new(vec![2], vec![1.0, -2.5]);
-        assert_eq!(t.to_bytes(DType::F32), [1.0f32.to_le_bytes(), (-2.5f32).to_le_bytes()].concat());
+        assert_eq!(
+            t.to_bytes(DType::F32),
+            [1.0f32.to_le_bytes(), (-2.5f32).to_le_bytes()].concat()
+        );
         assert_eq!(t.to_bytes(DType::F16), vec![0x00, 0x3c, 0x00, 0xc1]);
         assert_eq!(t.to_bytes(DType::BF16), vec![0x80, 0x3f, 0x20, 0xc0]);
     }

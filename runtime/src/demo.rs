@@ -79,7 +79,8 @@ pub fn export_fixture(
         force: true,
         progress,
     };
-    let summary = carrot_export::pipeline::export(&plan).with_context(|| format!("exporting fixture {name}"))?;
+    let summary = carrot_export::pipeline::export(&plan)
+        .with_context(|| format!("exporting fixture {name}"))?;
     for leaf in ["tokenizer.json", "tokenizer_config.json"] {
         std::fs::copy(tokenizer.join(leaf), out.join(leaf))
             .with_context(|| format!("copying {leaf} into {}", out.display()))?;
@@ -101,12 +102,20 @@ pub fn run(opts: &LoadOptions) -> anyhow::Result<bool> {
         .with_context(|| format!("{}: record {RECORD}", goldens_path.display()))?
         .with_context(|| format!("{}: no record {RECORD}", goldens_path.display()))?;
     let model_dir = root.join("fixtures/models").join(&record.export.model);
-    let out = root.join(".cache/demo").join(format!("{}-fp32", record.export.model));
+    let out = root
+        .join(".cache/demo")
+        .join(format!("{}-fp32", record.export.model));
     let fresh = !out.join(carrot_contract::names::MANIFEST_FILE).is_file()
         || !out.join("tokenizer.json").is_file()
-        || carrot_contract::Manifest::read_dir(&out).map(|m| m.exporter.version != env!("CARGO_PKG_VERSION")).unwrap_or(true);
+        || carrot_contract::Manifest::read_dir(&out)
+            .map(|m| m.exporter.version != env!("CARGO_PKG_VERSION"))
+            .unwrap_or(true);
     if fresh {
-        eprintln!("exporting {} (fp32) to {}", model_dir.display(), out.display());
+        eprintln!(
+            "exporting {} (fp32) to {}",
+            model_dir.display(),
+            out.display()
+        );
         let summary = export_fixture(
             &record.export.model,
             &out,
@@ -118,7 +127,10 @@ pub fn run(opts: &LoadOptions) -> anyhow::Result<bool> {
     }
 
     let mut pipeline = Pipeline::load(&out, opts)?;
-    let image = record.image.as_ref().map(|name| root.join("fixtures/images").join(name));
+    let image = record
+        .image
+        .as_ref()
+        .map(|name| root.join("fixtures/images").join(name));
     let images: Vec<ImageSource> = image.iter().cloned().map(ImageSource::Path).collect();
     let params = Params {
         max_new_tokens: Some(record.output_ids.len()),
@@ -131,11 +143,19 @@ pub fn run(opts: &LoadOptions) -> anyhow::Result<bool> {
     }
     eprintln!("question: {}", record.question);
     eprint!("answer:   ");
-    let answer = pipeline.generate(&Prompt::Text { text: record.question.clone(), raw: false }, &images, &params, |e| {
-        if let Event::Token { text_delta, .. } = e {
-            eprint!("{text_delta}");
-        }
-    })?;
+    let answer = pipeline.generate(
+        &Prompt::Text {
+            text: record.question.clone(),
+            raw: false,
+        },
+        &images,
+        &params,
+        |e| {
+            if let Event::Token { text_delta, .. } = e {
+                eprint!("{text_delta}");
+            }
+        },
+    )?;
     eprintln!();
     let out_ids = &answer.output.token_ids;
     let t = answer.output.timings;
@@ -147,18 +167,29 @@ pub fn run(opts: &LoadOptions) -> anyhow::Result<bool> {
         answer.output.prompt_tokens,
         t.decode_ms,
         t.tokens,
-        if t.decode_ms > 0.0 { (t.tokens.saturating_sub(1)) as f64 / (t.decode_ms / 1e3) } else { 0.0 }
+        if t.decode_ms > 0.0 {
+            (t.tokens.saturating_sub(1)) as f64 / (t.decode_ms / 1e3)
+        } else {
+            0.0
+        }
     );
     if out_ids == &record.output_ids {
         println!(
             "exact: the {} generated tokens equal the transformers reference ({} / {})",
             out_ids.len(),
-            goldens_path.strip_prefix(&root).unwrap_or(&goldens_path).display(),
+            goldens_path
+                .strip_prefix(&root)
+                .unwrap_or(&goldens_path)
+                .display(),
             RECORD
         );
         Ok(true)
     } else {
-        let first = out_ids.iter().zip(&record.output_ids).position(|(a, b)| a != b).unwrap_or(out_ids.len().min(record.output_ids.len()));
+        let first = out_ids
+            .iter()
+            .zip(&record.output_ids)
+            .position(|(a, b)| a != b)
+            .unwrap_or(out_ids.len().min(record.output_ids.len()));
         println!("MISMATCH: generated tokens differ from the reference from position {first}");
         println!("  carrot:    {out_ids:?}");
         println!("  reference: {:?}", record.output_ids);

@@ -19,8 +19,13 @@ pub enum Device {
 pub enum DeviceError {
     #[error("unknown device `{0}`: expected cpu, cuda[:N], tensorrt[:N] or auto")]
     Parse(String),
-    #[error("device {device} is not available in this build: rebuild with `--features {feature}` (and the onnxruntime-gpu library)")]
-    NotCompiled { device: String, feature: &'static str },
+    #[error(
+        "device {device} is not available in this build: rebuild with `--features {feature}` (and the onnxruntime-gpu library)"
+    )]
+    NotCompiled {
+        device: String,
+        feature: &'static str,
+    },
     #[error("device {device} is not available: {reason}")]
     Unavailable { device: String, reason: String },
 }
@@ -30,7 +35,10 @@ impl FromStr for Device {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (kind, index) = match s.split_once(':') {
-            Some((k, i)) => (k, Some(i.parse::<i32>().map_err(|_| DeviceError::Parse(s.into()))?)),
+            Some((k, i)) => (
+                k,
+                Some(i.parse::<i32>().map_err(|_| DeviceError::Parse(s.into()))?),
+            ),
             None => (s, None),
         };
         match (kind.to_ascii_lowercase().as_str(), index) {
@@ -74,13 +82,20 @@ pub fn decoder_profiles(text: &carrot_contract::manifest::Text, max_length: usiz
         ];
         for i in 0..text.num_layers {
             for kind in ["key", "value"] {
-                parts.push(format!("past_key_values.{i}.{kind}:1x{}x{past}x{}", text.num_kv_heads, text.head_dim));
+                parts.push(format!(
+                    "past_key_values.{i}.{kind}:1x{}x{past}x{}",
+                    text.num_kv_heads, text.head_dim
+                ));
             }
         }
         parts.join(",")
     };
     let max = max_length.max(2);
-    [shapes(1, 0), shapes(1, max / 2), shapes(max / 2, max - max / 2)]
+    [
+        shapes(1, 0),
+        shapes(1, max / 2),
+        shapes(max / 2, max - max / 2),
+    ]
 }
 
 #[cfg(test)]
@@ -92,7 +107,10 @@ mod tests {
         assert_eq!("cpu".parse::<Device>().ok(), Some(Device::Cpu));
         assert_eq!("cuda".parse::<Device>().ok(), Some(Device::Cuda(0)));
         assert_eq!("cuda:1".parse::<Device>().ok(), Some(Device::Cuda(1)));
-        assert_eq!("tensorrt:2".parse::<Device>().ok(), Some(Device::TensorRt(2)));
+        assert_eq!(
+            "tensorrt:2".parse::<Device>().ok(),
+            Some(Device::TensorRt(2))
+        );
         assert_eq!("auto".parse::<Device>().ok(), Some(Device::Auto));
         let err = "gpu".parse::<Device>().unwrap_err().to_string();
         assert!(err.contains("`gpu`") && err.contains("tensorrt"), "{err}");

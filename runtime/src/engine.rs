@@ -31,7 +31,11 @@ pub enum EngineError {
     #[error("cannot load {path}: {reason}")]
     Session { path: PathBuf, reason: String },
     #[error("{graph} has no {kind} `{name}`, which carrot.json requires")]
-    Interface { graph: String, kind: &'static str, name: String },
+    Interface {
+        graph: String,
+        kind: &'static str,
+        name: String,
+    },
     #[error("this model has no vision graph; it cannot take images")]
     NoVision,
     #[error("{0}")]
@@ -41,7 +45,10 @@ pub enum EngineError {
 }
 
 fn run_err(what: &str, e: impl std::fmt::Display) -> EngineError {
-    EngineError::Run { what: what.into(), reason: e.to_string() }
+    EngineError::Run {
+        what: what.into(),
+        reason: e.to_string(),
+    }
 }
 
 /// The element type of activations (`activation_dtype` in the manifest).
@@ -93,7 +100,12 @@ impl HostRows {
             (HostRows::F32(d), HostRows::F32(s)) => d.extend_from_slice(&s[start..end]),
             (HostRows::F16(d), HostRows::F16(s)) => d.extend_from_slice(&s[start..end]),
             (HostRows::BF16(d), HostRows::BF16(s)) => d.extend_from_slice(&s[start..end]),
-            _ => return Err(run_err("inputs_embeds", "image features and text embeddings differ in dtype")),
+            _ => {
+                return Err(run_err(
+                    "inputs_embeds",
+                    "image features and text embeddings differ in dtype",
+                ));
+            }
         }
         Ok(())
     }
@@ -104,15 +116,21 @@ impl HostRows {
         let shape = |s: &ort::value::Shape| s.iter().map(|&d| d as usize).collect::<Vec<_>>();
         match ty {
             Some(T::Float32) => {
-                let (s, d) = v.try_extract_tensor::<f32>().map_err(|e| run_err(what, e))?;
+                let (s, d) = v
+                    .try_extract_tensor::<f32>()
+                    .map_err(|e| run_err(what, e))?;
                 Ok((shape(s), HostRows::F32(d.to_vec())))
             }
             Some(T::Float16) => {
-                let (s, d) = v.try_extract_tensor::<f16>().map_err(|e| run_err(what, e))?;
+                let (s, d) = v
+                    .try_extract_tensor::<f16>()
+                    .map_err(|e| run_err(what, e))?;
                 Ok((shape(s), HostRows::F16(d.to_vec())))
             }
             Some(T::Bfloat16) => {
-                let (s, d) = v.try_extract_tensor::<bf16>().map_err(|e| run_err(what, e))?;
+                let (s, d) = v
+                    .try_extract_tensor::<bf16>()
+                    .map_err(|e| run_err(what, e))?;
                 Ok((shape(s), HostRows::BF16(d.to_vec())))
             }
             other => Err(run_err(what, format!("unexpected element type {other:?}"))),
@@ -145,7 +163,9 @@ pub struct KvCache {
 
 impl std::fmt::Debug for KvCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KvCache").field("len", &self.len).finish_non_exhaustive()
+        f.debug_struct("KvCache")
+            .field("len", &self.len)
+            .finish_non_exhaustive()
     }
 }
 
@@ -174,7 +194,12 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { device: Device::Cpu, threads: None, ort_lib: None, cache_dir: None }
+        Self {
+            device: Device::Cpu,
+            threads: None,
+            ort_lib: None,
+            cache_dir: None,
+        }
     }
 }
 
@@ -194,7 +219,10 @@ pub struct Engine {
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("dir", &self.dir).field("device", &self.device).finish_non_exhaustive()
+        f.debug_struct("Engine")
+            .field("dir", &self.dir)
+            .field("device", &self.device)
+            .finish_non_exhaustive()
     }
 }
 
@@ -238,7 +266,10 @@ impl Engine {
             manifest,
         };
         engine.check_interfaces()?;
-        Ok(Engine { load_ms: start.elapsed().as_secs_f64() * 1e3, ..engine })
+        Ok(Engine {
+            load_ms: start.elapsed().as_secs_f64() * 1e3,
+            ..engine
+        })
     }
 
     fn check_interfaces(&self) -> Result<(), EngineError> {
@@ -246,20 +277,38 @@ impl Engine {
         let check = |session: &Session, graph: &str, inputs: &[String], outputs: &[String]| {
             for name in inputs {
                 if !session.inputs().iter().any(|o| o.name() == name) {
-                    return Err(EngineError::Interface { graph: graph.into(), kind: "input", name: name.clone() });
+                    return Err(EngineError::Interface {
+                        graph: graph.into(),
+                        kind: "input",
+                        name: name.clone(),
+                    });
                 }
             }
             for name in outputs {
                 if !session.outputs().iter().any(|o| o.name() == name) {
-                    return Err(EngineError::Interface { graph: graph.into(), kind: "output", name: name.clone() });
+                    return Err(EngineError::Interface {
+                        graph: graph.into(),
+                        kind: "output",
+                        name: name.clone(),
+                    });
                 }
             }
             Ok(())
         };
         if let (Some(session), Some(file)) = (&self.vision, &m.graphs.vision) {
-            check(session, file, &[names::PIXEL_VALUES.into()], &[names::IMAGE_FEATURES.into()])?;
+            check(
+                session,
+                file,
+                &[names::PIXEL_VALUES.into()],
+                &[names::IMAGE_FEATURES.into()],
+            )?;
         }
-        check(&self.embed, &m.graphs.embed, &[names::INPUT_IDS.into()], &[names::INPUTS_EMBEDS.into()])?;
+        check(
+            &self.embed,
+            &m.graphs.embed,
+            &[names::INPUT_IDS.into()],
+            &[names::INPUTS_EMBEDS.into()],
+        )?;
         check(
             &self.decoder,
             &m.graphs.decoder,
@@ -273,23 +322,35 @@ impl Engine {
     }
 
     /// Run vision.onnx on preprocessed images (`[3, S, S]` each) → one [`ImageFeatures`] per image.
-    pub fn encode_images(&mut self, pixel_values: &[Vec<f32>]) -> Result<Vec<ImageFeatures>, EngineError> {
+    pub fn encode_images(
+        &mut self,
+        pixel_values: &[Vec<f32>],
+    ) -> Result<Vec<ImageFeatures>, EngineError> {
         let vision_cfg = self.manifest.vision.clone().ok_or(EngineError::NoVision)?;
         let session = self.vision.as_mut().ok_or(EngineError::NoVision)?;
         let s = vision_cfg.image_size;
         let mut out = Vec::with_capacity(pixel_values.len());
         for pixels in pixel_values {
             if pixels.len() != 3 * s * s {
-                return Err(run_err("pixel_values", format!("expected 3x{s}x{s} values, got {}", pixels.len())));
+                return Err(run_err(
+                    "pixel_values",
+                    format!("expected 3x{s}x{s} values, got {}", pixels.len()),
+                ));
             }
-            let input = Tensor::from_array((vec![1usize, 3, s, s], pixels.clone())).map_err(|e| run_err("pixel_values", e))?;
+            let input = Tensor::from_array((vec![1usize, 3, s, s], pixels.clone()))
+                .map_err(|e| run_err("pixel_values", e))?;
             let outputs = session
                 .run(vec![(names::PIXEL_VALUES, input.into_dyn())])
                 .map_err(|e| run_err("vision.onnx", e))?;
-            let value = outputs.get(names::IMAGE_FEATURES).ok_or_else(|| run_err("vision.onnx", "no image_features"))?;
+            let value = outputs
+                .get(names::IMAGE_FEATURES)
+                .ok_or_else(|| run_err("vision.onnx", "no image_features"))?;
             let (shape, data) = HostRows::from_value(value, "image_features")?;
             let [_, rows, hidden] = shape[..] else {
-                return Err(run_err("image_features", format!("unexpected shape {shape:?}")));
+                return Err(run_err(
+                    "image_features",
+                    format!("unexpected shape {shape:?}"),
+                ));
             };
             out.push(ImageFeatures { rows, hidden, data });
         }
@@ -299,9 +360,15 @@ impl Engine {
     /// Run embed.onnx on `ids` → `[ids.len(), hidden]` rows.
     fn embed(&mut self, ids: &[u32]) -> Result<HostRows, EngineError> {
         let ids64: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
-        let input = Tensor::from_array((vec![1usize, ids.len()], ids64)).map_err(|e| run_err("input_ids", e))?;
-        let outputs = self.embed.run(vec![(names::INPUT_IDS, input.into_dyn())]).map_err(|e| run_err("embed.onnx", e))?;
-        let value = outputs.get(names::INPUTS_EMBEDS).ok_or_else(|| run_err("embed.onnx", "no inputs_embeds"))?;
+        let input = Tensor::from_array((vec![1usize, ids.len()], ids64))
+            .map_err(|e| run_err("input_ids", e))?;
+        let outputs = self
+            .embed
+            .run(vec![(names::INPUT_IDS, input.into_dyn())])
+            .map_err(|e| run_err("embed.onnx", e))?;
+        let value = outputs
+            .get(names::INPUTS_EMBEDS)
+            .ok_or_else(|| run_err("embed.onnx", "no inputs_embeds"))?;
         Ok(HostRows::from_value(value, "inputs_embeds")?.1)
     }
 
@@ -315,7 +382,11 @@ impl Engine {
         Ok(KvCache { values, len: 0 })
     }
 
-    fn run_step(&mut self, cache: &mut KvCache, input: &StepInput<'_, ImageFeatures>) -> Result<Vec<f32>, EngineError> {
+    fn run_step(
+        &mut self,
+        cache: &mut KvCache,
+        input: &StepInput<'_, ImageFeatures>,
+    ) -> Result<Vec<f32>, EngineError> {
         let hidden = self.manifest.text.hidden_size;
         let seq = input.seq_len();
         let text_ids: Vec<u32> = input
@@ -327,13 +398,21 @@ impl Engine {
             })
             .flatten()
             .collect();
-        let text = if text_ids.is_empty() { HostRows::empty(self.act) } else { self.embed(&text_ids)? };
+        let text = if text_ids.is_empty() {
+            HostRows::empty(self.act)
+        } else {
+            self.embed(&text_ids)?
+        };
         let mut embeds = HostRows::empty(self.act);
         let mut text_row = 0;
         for segment in input.segments {
             match segment {
                 Segment::Tokens(ids) => {
-                    embeds.extend_from(&text, text_row * hidden, (text_row + ids.len()) * hidden)?;
+                    embeds.extend_from(
+                        &text,
+                        text_row * hidden,
+                        (text_row + ids.len()) * hidden,
+                    )?;
                     text_row += ids.len();
                 }
                 Segment::Image { index, rows } => {
@@ -344,7 +423,10 @@ impl Engine {
                     if image.hidden != hidden || rows.end > image.rows {
                         return Err(run_err(
                             "image_features",
-                            format!("image is {}x{}, decoder wants width {hidden}", image.rows, image.hidden),
+                            format!(
+                                "image is {}x{}, decoder wants width {hidden}",
+                                image.rows, image.hidden
+                            ),
                         ));
                     }
                     embeds.extend_from(&image.data, rows.start * hidden, rows.end * hidden)?;
@@ -352,16 +434,23 @@ impl Engine {
             }
         }
         if embeds.len() != seq * hidden {
-            return Err(run_err("inputs_embeds", format!("{} values for {seq} positions", embeds.len())));
+            return Err(run_err(
+                "inputs_embeds",
+                format!("{} values for {seq} positions", embeds.len()),
+            ));
         }
         let embeds = embeds.into_value(vec![1, seq, hidden])?;
-        let mask = Tensor::from_array((vec![1usize, input.attention_mask.len()], input.attention_mask.to_vec()))
-            .map_err(|e| run_err("attention_mask", e))?;
+        let mask = Tensor::from_array((
+            vec![1usize, input.attention_mask.len()],
+            input.attention_mask.to_vec(),
+        ))
+        .map_err(|e| run_err("attention_mask", e))?;
         let positions = Tensor::from_array((vec![1usize, seq], input.position_ids.to_vec()))
             .map_err(|e| run_err("position_ids", e))?;
 
         let layers = self.manifest.text.num_layers;
-        let mut feeds: Vec<(String, ort::session::SessionInputValue<'_>)> = Vec::with_capacity(3 + 2 * layers);
+        let mut feeds: Vec<(String, ort::session::SessionInputValue<'_>)> =
+            Vec::with_capacity(3 + 2 * layers);
         feeds.push((names::INPUTS_EMBEDS.into(), embeds.into()));
         feeds.push((names::ATTENTION_MASK.into(), mask.into_dyn().into()));
         feeds.push((names::POSITION_IDS.into(), positions.into_dyn().into()));
@@ -369,9 +458,16 @@ impl Engine {
             feeds.push((names::past_key(i), (&cache.values[2 * i]).into()));
             feeds.push((names::past_value(i), (&cache.values[2 * i + 1]).into()));
         }
-        let mut outputs = self.decoder.run(feeds).map_err(|e| run_err("decoder.onnx", e))?;
-        let logits = outputs.get(names::LOGITS).ok_or_else(|| run_err("decoder.onnx", "no logits"))?;
-        let (shape, data) = logits.try_extract_tensor::<f32>().map_err(|e| run_err("logits", e))?;
+        let mut outputs = self
+            .decoder
+            .run(feeds)
+            .map_err(|e| run_err("decoder.onnx", e))?;
+        let logits = outputs
+            .get(names::LOGITS)
+            .ok_or_else(|| run_err("decoder.onnx", "no logits"))?;
+        let (shape, data) = logits
+            .try_extract_tensor::<f32>()
+            .map_err(|e| run_err("logits", e))?;
         let vocab = shape.last().copied().unwrap_or(0) as usize;
         if vocab == 0 || data.len() < vocab {
             return Err(run_err("logits", format!("unexpected shape {shape:?}")));
@@ -380,7 +476,11 @@ impl Engine {
         let mut next = Vec::with_capacity(2 * layers);
         for i in 0..layers {
             for name in [names::present_key(i), names::present_value(i)] {
-                next.push(outputs.remove(&name).ok_or_else(|| run_err("decoder.onnx", format!("no {name}")))?);
+                next.push(
+                    outputs
+                        .remove(&name)
+                        .ok_or_else(|| run_err("decoder.onnx", format!("no {name}")))?,
+                );
             }
         }
         drop(outputs);
@@ -395,23 +495,34 @@ impl Model for Engine {
     type Image = ImageFeatures;
 
     fn num_image_tokens(&self) -> usize {
-        self.manifest.vision.as_ref().map_or(0, |v| v.num_image_tokens)
+        self.manifest
+            .vision
+            .as_ref()
+            .map_or(0, |v| v.num_image_tokens)
     }
 
     fn new_cache(&mut self) -> Result<Self::Cache, BoxError> {
         Ok(self.empty_cache()?)
     }
 
-    fn step(&mut self, cache: &mut Self::Cache, input: &StepInput<'_, Self::Image>) -> Result<Vec<f32>, BoxError> {
+    fn step(
+        &mut self,
+        cache: &mut Self::Cache,
+        input: &StepInput<'_, Self::Image>,
+    ) -> Result<Vec<f32>, BoxError> {
         Ok(self.run_step(cache, input)?)
     }
 }
 
 /// Build a session with the standard options (used by `providers`).
-pub(crate) fn session_builder(opts: &LoadOptions) -> Result<ort::session::builder::SessionBuilder, String> {
+pub(crate) fn session_builder(
+    opts: &LoadOptions,
+) -> Result<ort::session::builder::SessionBuilder, String> {
     let env = crate::ort_lib::environment().ok_or("ONNX Runtime is not initialised")?;
     let mut b = Session::builder(env).map_err(|e| e.to_string())?;
-    b = b.with_optimization_level(GraphOptimizationLevel::Level3).map_err(|e| e.to_string())?;
+    b = b
+        .with_optimization_level(GraphOptimizationLevel::Level3)
+        .map_err(|e| e.to_string())?;
     if let Some(n) = opts.threads {
         b = b.with_intra_threads(n).map_err(|e| e.to_string())?;
     }

@@ -1,12 +1,12 @@
 //! Runtime for exported Carrot graphs.
 
-pub mod ort_lib;
-pub mod preprocess;
-pub mod prompt;
-pub mod generate;
+pub mod demo;
 pub mod device;
 pub mod engine;
-pub mod providers;
+pub mod generate;
+pub mod ort_lib;
 pub mod pipeline;
-pub mod demo;
+pub mod preprocess;
+pub mod prompt;
+pub mod providers;
 pub mod serve;

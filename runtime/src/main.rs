@@ -13,7 +13,11 @@ use carrot_runtime::prompt::Turn;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "carrot", version, about = "Run Carrot vision-language models exported by carrot-export")]
+#[command(
+    name = "carrot",
+    version,
+    about = "Run Carrot vision-language models exported by carrot-export"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -51,7 +55,12 @@ struct RuntimeArgs {
 
 impl RuntimeArgs {
     fn load_options(&self) -> LoadOptions {
-        LoadOptions { device: self.device.clone(), threads: self.threads, ort_lib: self.ort_lib.clone(), cache_dir: None }
+        LoadOptions {
+            device: self.device.clone(),
+            threads: self.threads,
+            ort_lib: self.ort_lib.clone(),
+            cache_dir: None,
+        }
     }
 }
 
@@ -131,7 +140,9 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate(args),
         Command::Chat(args) => chat(args),
         Command::Demo(args) => carrot_runtime::demo::run(&args.load_options()).map(|_| ()),
-        Command::Serve { serve, runtime } => carrot_runtime::serve::run(&serve, &runtime.load_options()),
+        Command::Serve { serve, runtime } => {
+            carrot_runtime::serve::run(&serve, &runtime.load_options())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -154,7 +165,10 @@ fn load(model: &std::path::Path, runtime: &RuntimeArgs) -> anyhow::Result<Pipeli
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let mut pipeline = load(&args.model, &args.runtime)?;
     let images: Vec<ImageSource> = args.images.iter().cloned().map(ImageSource::Path).collect();
-    let prompt = Prompt::Text { text: args.prompt.clone(), raw: args.raw };
+    let prompt = Prompt::Text {
+        text: args.prompt.clone(),
+        raw: args.raw,
+    };
     let stream = !args.json;
     let mut stdout = std::io::stdout();
     let answer = pipeline.generate(&prompt, &images, &args.sampling.params(), |event| {
@@ -201,14 +215,20 @@ fn chat(args: ChatArgs) -> anyhow::Result<()> {
     let mut turns: Vec<Turn> = Vec::new();
     let stdin = std::io::stdin();
     let mut stdout = std::io::stdout();
-    eprintln!("chatting with {} (empty line or Ctrl-D to quit)", args.model.display());
+    eprintln!(
+        "chatting with {} (empty line or Ctrl-D to quit)",
+        args.model.display()
+    );
     loop {
         eprint!("> ");
         let mut line = String::new();
         if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
             break;
         }
-        turns.push(Turn { user: line.trim_end().to_string(), assistant: None });
+        turns.push(Turn {
+            user: line.trim_end().to_string(),
+            assistant: None,
+        });
         let prompt = Prompt::Conversation(turns.clone());
         let ids = pipeline.prompt_ids(&prompt, pixels.len())?;
         let answer = pipeline.generate_ids(&ids, &pixels, &args.sampling.params(), |event| {

@@ -55,11 +55,17 @@ pub fn locate(explicit: Option<&Path>) -> Result<Located, OrtLibError> {
     for dir in cache_dirs() {
         let path = dir.join("onnxruntime").join(ORT_VERSION).join(LIB_NAME);
         if path.is_file() {
-            return Ok(Located { path, origin: "project cache" });
+            return Ok(Located {
+                path,
+                origin: "project cache",
+            });
         }
     }
     if let Some(path) = python_package_lib() {
-        return Ok(Located { path, origin: "Python onnxruntime package" });
+        return Ok(Located {
+            path,
+            origin: "Python onnxruntime package",
+        });
     }
     Err(OrtLibError::NotFound)
 }
@@ -84,13 +90,18 @@ pub fn cache_dirs() -> Vec<PathBuf> {
 }
 
 fn env_path(var: &str) -> Option<PathBuf> {
-    std::env::var_os(var).filter(|v| !v.is_empty()).map(PathBuf::from)
+    std::env::var_os(var)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
 }
 
 fn python_package_lib() -> Option<PathBuf> {
     let python = std::env::var_os("CARROT_PYTHON").unwrap_or_else(|| "python3".into());
     let out = Command::new(python)
-        .args(["-c", "import onnxruntime, os; print(os.path.dirname(onnxruntime.__file__))"])
+        .args([
+            "-c",
+            "import onnxruntime, os; print(os.path.dirname(onnxruntime.__file__))",
+        ])
         .stderr(std::process::Stdio::null())
         .output()
         .ok()?;
@@ -126,7 +137,10 @@ pub fn init(explicit: Option<&Path>) -> Result<Located, OrtLibError> {
             let env = builder
                 .with_name("carrot")
                 .build()
-                .map_err(|e| OrtLibError::Load { path: located.path.clone(), reason: e.to_string() })?;
+                .map_err(|e| OrtLibError::Load {
+                    path: located.path.clone(),
+                    reason: e.to_string(),
+                })?;
             let _ = ENVIRONMENT.set(env);
             Ok(located)
         })

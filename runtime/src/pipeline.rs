@@ -7,7 +7,8 @@ use std::time::Instant;
 
 use crate::engine::{Engine, EngineError, ImageFeatures, LoadOptions};
 use crate::generate::{
-    self, BoxError, Decode, Event, GenerateError, GenerateOptions, Output, PromptPart, Request, SamplingOptions,
+    self, BoxError, Decode, Event, GenerateError, GenerateOptions, Output, PromptPart, Request,
+    SamplingOptions,
 };
 use crate::preprocess::{self, PreprocessConfig, PreprocessError};
 use crate::prompt::{self, Message, PromptError, PromptTokenizer, Turn};
@@ -31,7 +32,10 @@ pub enum PipelineError {
 pub enum ImageSource {
     Path(PathBuf),
     /// Encoded bytes (JPEG, PNG, WebP); `what` names the source in errors.
-    Bytes { data: Vec<u8>, what: String },
+    Bytes {
+        data: Vec<u8>,
+        what: String,
+    },
 }
 
 /// What to answer.
@@ -76,7 +80,9 @@ pub struct Pipeline {
 
 impl std::fmt::Debug for Pipeline {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pipeline").field("engine", &self.engine).finish_non_exhaustive()
+        f.debug_struct("Pipeline")
+            .field("engine", &self.engine)
+            .finish_non_exhaustive()
     }
 }
 
@@ -99,7 +105,9 @@ pub fn split_prompt(ids: &[i64], image_index: i64) -> Result<Vec<PromptPart>, Pi
             parts.push(PromptPart::Image(images));
             images += 1;
         } else {
-            let id = u32::try_from(id).map_err(|_| PipelineError::Request(format!("prompt id {id} is not a vocabulary id")))?;
+            let id = u32::try_from(id).map_err(|_| {
+                PipelineError::Request(format!("prompt id {id} is not a vocabulary id"))
+            })?;
             tokens.push(id);
         }
     }
@@ -123,7 +131,11 @@ impl Pipeline {
             std: v.std.map(|s| s as f32),
             max_pixels: PreprocessConfig::siglip(v.image_size).max_pixels,
         });
-        Ok(Self { engine, tokenizer, preprocess })
+        Ok(Self {
+            engine,
+            tokenizer,
+            preprocess,
+        })
     }
 
     /// Prompt ids (image sentinels included) for `prompt` with `images` images.
@@ -141,38 +153,70 @@ impl Pipeline {
         let ids = match (prompt, m.prompt.template.as_str()) {
             (Prompt::Text { text, raw: true }, _) => {
                 if self.engine.has_vision() {
-                    self.tokenizer.encode_with_images(text, token, sentinel, bos)?
+                    self.tokenizer
+                        .encode_with_images(text, token, sentinel, bos)?
                 } else {
-                    self.tokenizer.encode(text, true)?.into_iter().map(i64::from).collect()
+                    self.tokenizer
+                        .encode(text, true)?
+                        .into_iter()
+                        .map(i64::from)
+                        .collect()
                 }
             }
             (Prompt::Text { text, raw: false }, _) => {
-                let turn = Turn { user: text.clone(), assistant: None };
+                let turn = Turn {
+                    user: text.clone(),
+                    assistant: None,
+                };
                 return self.prompt_ids(&Prompt::Conversation(vec![turn]), images);
             }
             (Prompt::Conversation(turns), "bunny-llama") => {
                 let has_marker = turns.iter().any(|t| t.user.contains(token));
                 let text = prompt::bunny_prompt(turns, images > 0 && !has_marker, token);
-                self.tokenizer.encode_with_images(&text, token, sentinel, bos)?
+                self.tokenizer
+                    .encode_with_images(&text, token, sentinel, bos)?
             }
             (Prompt::Conversation(turns), "chat-template") => {
                 let mut messages = Vec::new();
                 for t in turns {
-                    messages.push(Message { role: "user".into(), content: t.user.clone() });
+                    messages.push(Message {
+                        role: "user".into(),
+                        content: t.user.clone(),
+                    });
                     if let Some(a) = &t.assistant {
-                        messages.push(Message { role: "assistant".into(), content: a.clone() });
+                        messages.push(Message {
+                            role: "assistant".into(),
+                            content: a.clone(),
+                        });
                     }
                 }
-                self.tokenizer.encode_chat(&messages)?.into_iter().map(i64::from).collect()
+                self.tokenizer
+                    .encode_chat(&messages)?
+                    .into_iter()
+                    .map(i64::from)
+                    .collect()
             }
             (Prompt::Conversation(turns), _) => {
-                let text = turns.iter().map(|t| t.user.as_str()).collect::<Vec<_>>().join("\n");
-                self.tokenizer.encode(&text, true)?.into_iter().map(i64::from).collect()
+                let text = turns
+                    .iter()
+                    .map(|t| t.user.as_str())
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                self.tokenizer
+                    .encode(&text, true)?
+                    .into_iter()
+                    .map(i64::from)
+                    .collect()
             }
         };
         let found = ids.iter().filter(|&&i| i == sentinel).count();
         if found != images {
-            return Err(PromptError::ImageCount { token: token.into(), found, given: images }.into());
+            return Err(PromptError::ImageCount {
+                token: token.into(),
+                found,
+                given: images,
+            }
+            .into());
         }
         Ok(ids)
     }
@@ -180,14 +224,20 @@ impl Pipeline {
     /// Decode and preprocess images into `[3, S, S]` pixel values.
     pub fn pixel_values(&self, images: &[ImageSource]) -> Result<Vec<Vec<f32>>, PipelineError> {
         let Some(cfg) = &self.preprocess else {
-            return if images.is_empty() { Ok(Vec::new()) } else { Err(EngineError::NoVision.into()) };
+            return if images.is_empty() {
+                Ok(Vec::new())
+            } else {
+                Err(EngineError::NoVision.into())
+            };
         };
         images
             .iter()
             .map(|src| {
                 let img = match src {
                     ImageSource::Path(p) => preprocess::load_image(p, cfg.max_pixels)?,
-                    ImageSource::Bytes { data, what } => preprocess::decode_image(data, what, cfg.max_pixels)?,
+                    ImageSource::Bytes { data, what } => {
+                        preprocess::decode_image(data, what, cfg.max_pixels)?
+                    }
                 };
                 Ok(preprocess::preprocess(&img, cfg))
             })
@@ -238,19 +288,38 @@ impl Pipeline {
         let sentinel = self.engine.manifest.prompt.image_token_index;
         let parts = split_prompt(prompt_ids, sentinel)?;
         let start = Instant::now();
-        let features: Vec<ImageFeatures> =
-            if pixel_values.is_empty() { Vec::new() } else { self.engine.encode_images(pixel_values)? };
-        let vision_ms = if pixel_values.is_empty() { 0.0 } else { start.elapsed().as_secs_f64() * 1e3 };
-        let request = Request { prompt: parts, images: features, options: self.options(params) };
+        let features: Vec<ImageFeatures> = if pixel_values.is_empty() {
+            Vec::new()
+        } else {
+            self.engine.encode_images(pixel_values)?
+        };
+        let vision_ms = if pixel_values.is_empty() {
+            0.0
+        } else {
+            start.elapsed().as_secs_f64() * 1e3
+        };
+        let request = Request {
+            prompt: parts,
+            images: features,
+            options: self.options(params),
+        };
         let output = generate::generate(&mut self.engine, &self.tokenizer, &request, on_event)?;
-        Ok(Answer { output, prompt_ids: prompt_ids.to_vec(), vision_ms })
+        Ok(Answer {
+            output,
+            prompt_ids: prompt_ids.to_vec(),
+            vision_ms,
+        })
     }
 }
 
 fn random_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
     h.finish()
 }
 

@@ -25,12 +25,18 @@ pub enum PromptError {
     Decode(String),
     #[error("{path}: {reason}")]
     Config { path: PathBuf, reason: String },
-    #[error("no chat template found in {dir} (looked for chat_template.jinja and tokenizer_config.json `chat_template`); use --raw")]
+    #[error(
+        "no chat template found in {dir} (looked for chat_template.jinja and tokenizer_config.json `chat_template`); use --raw"
+    )]
     NoChatTemplate { dir: PathBuf },
     #[error("chat template failed: {0}")]
     Template(String),
     #[error("the prompt has {found} `{token}` markers but {given} image(s) were given")]
-    ImageCount { token: String, found: usize, given: usize },
+    ImageCount {
+        token: String,
+        found: usize,
+        given: usize,
+    },
 }
 
 /// One exchange of a conversation; `assistant` is `None` for the turn being asked.
@@ -83,14 +89,19 @@ pub struct PromptTokenizer {
 
 impl std::fmt::Debug for PromptTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PromptTokenizer").field("dir", &self.dir).finish_non_exhaustive()
+        f.debug_struct("PromptTokenizer")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
     }
 }
 
 fn token_string(v: Option<&serde_json::Value>) -> Option<String> {
     match v? {
         serde_json::Value::String(s) => Some(s.clone()),
-        serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+        serde_json::Value::Object(o) => o
+            .get("content")
+            .and_then(|c| c.as_str())
+            .map(str::to_string),
         _ => None,
     }
 }
@@ -99,19 +110,26 @@ impl PromptTokenizer {
     /// Load `tokenizer.json`, `tokenizer_config.json` and `chat_template.jinja` from `dir`.
     pub fn from_dir(dir: &Path) -> Result<Self, PromptError> {
         let path = dir.join("tokenizer.json");
-        let tokenizer = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| PromptError::Tokenizer { path: path.clone(), reason: e.to_string() })?;
+        let tokenizer =
+            tokenizers::Tokenizer::from_file(&path).map_err(|e| PromptError::Tokenizer {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
         let config_path = dir.join("tokenizer_config.json");
         let config: serde_json::Value = match std::fs::read_to_string(&config_path) {
-            Ok(text) => serde_json::from_str(&text)
-                .map_err(|e| PromptError::Config { path: config_path.clone(), reason: e.to_string() })?,
+            Ok(text) => serde_json::from_str(&text).map_err(|e| PromptError::Config {
+                path: config_path.clone(),
+                reason: e.to_string(),
+            })?,
             Err(_) => serde_json::Value::Null,
         };
         let template_file = dir.join("chat_template.jinja");
         let chat_template = if template_file.is_file() {
             Some(
-                std::fs::read_to_string(&template_file)
-                    .map_err(|e| PromptError::Config { path: template_file.clone(), reason: e.to_string() })?,
+                std::fs::read_to_string(&template_file).map_err(|e| PromptError::Config {
+                    path: template_file.clone(),
+                    reason: e.to_string(),
+                })?,
             )
         } else {
             match config.get("chat_template") {
@@ -141,13 +159,18 @@ impl PromptTokenizer {
 
     /// Token ids of `text`; `add_special_tokens` applies the tokenizer's post-processor (BOS).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, PromptError> {
-        let enc = self.tokenizer.encode(text, add_special_tokens).map_err(|e| PromptError::Encode(e.to_string()))?;
+        let enc = self
+            .tokenizer
+            .encode(text, add_special_tokens)
+            .map_err(|e| PromptError::Encode(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Decode ids to text, skipping special tokens.
     pub fn decode(&self, ids: &[u32]) -> Result<String, PromptError> {
-        self.tokenizer.decode(ids, true).map_err(|e| PromptError::Decode(e.to_string()))
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| PromptError::Decode(e.to_string()))
     }
 
     /// Id of a token string, if it is in the vocabulary.
@@ -165,8 +188,10 @@ impl PromptTokenizer {
         image_index: i64,
         bos: Option<u32>,
     ) -> Result<Vec<i64>, PromptError> {
-        let chunks: Vec<Vec<u32>> =
-            text.split(image_token).map(|chunk| self.encode(chunk, true)).collect::<Result<_, _>>()?;
+        let chunks: Vec<Vec<u32>> = text
+            .split(image_token)
+            .map(|chunk| self.encode(chunk, true))
+            .collect::<Result<_, _>>()?;
         let offset = match (chunks.first().and_then(|c| c.first()), bos) {
             (Some(&first), Some(bos)) if first == bos => 1,
             _ => 0,
@@ -185,9 +210,24 @@ impl PromptTokenizer {
     }
 
     /// Render the checkpoint's chat template as `apply_chat_template(…, tokenize=False)` does.
-    pub fn render_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, PromptError> {
-        let template = self.chat_template.as_deref().ok_or_else(|| PromptError::NoChatTemplate { dir: self.dir.clone() })?;
-        render_template(template, messages, add_generation_prompt, &self.bos_token, &self.eos_token)
+    pub fn render_chat(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String, PromptError> {
+        let template =
+            self.chat_template
+                .as_deref()
+                .ok_or_else(|| PromptError::NoChatTemplate {
+                    dir: self.dir.clone(),
+                })?;
+        render_template(
+            template,
+            messages,
+            add_generation_prompt,
+            &self.bos_token,
+            &self.eos_token,
+        )
     }
 
     /// Ids of a rendered chat: the template writes the special tokens itself, so none are added.
@@ -210,12 +250,23 @@ pub fn render_template(
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
-        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                msg,
+            ))
+        },
+    );
+    env.add_function("strftime_now", |fmt: String| -> String {
+        strftime_now(&fmt)
     });
-    env.add_function("strftime_now", |fmt: String| -> String { strftime_now(&fmt) });
-    env.add_template("chat", template).map_err(|e| PromptError::Template(e.to_string()))?;
-    let tmpl = env.get_template("chat").map_err(|e| PromptError::Template(e.to_string()))?;
+    env.add_template("chat", template)
+        .map_err(|e| PromptError::Template(e.to_string()))?;
+    let tmpl = env
+        .get_template("chat")
+        .map_err(|e| PromptError::Template(e.to_string()))?;
     tmpl.render(minijinja::context! {
         messages => messages,
         add_generation_prompt => add_generation_prompt,
@@ -232,9 +283,21 @@ fn strftime_now(fmt: &str) -> String {
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
     let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
-    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
     const FULL: [&str; 12] = [
-        "January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November",
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
         "December",
     ];
     let mi = (m - 1) as usize;
@@ -283,7 +346,14 @@ mod tests {
 
     #[test]
     fn bunny_single_turn_with_image() {
-        let p = bunny_prompt(&[Turn { user: "What is this?".into(), assistant: None }], true, "<image>");
+        let p = bunny_prompt(
+            &[Turn {
+                user: "What is this?".into(),
+                assistant: None,
+            }],
+            true,
+            "<image>",
+        );
         assert_eq!(
             p,
             "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, \
@@ -294,11 +364,20 @@ mod tests {
     #[test]
     fn bunny_multi_turn() {
         let turns = [
-            Turn { user: "Q1".into(), assistant: Some("A1".into()) },
-            Turn { user: "Q2".into(), assistant: None },
+            Turn {
+                user: "Q1".into(),
+                assistant: Some("A1".into()),
+            },
+            Turn {
+                user: "Q2".into(),
+                assistant: None,
+            },
         ];
         let p = bunny_prompt(&turns, false, "<image>");
-        assert!(p.ends_with(" USER: Q1 ASSISTANT: A1<|end_of_text|>USER: Q2 ASSISTANT:"), "{p}");
+        assert!(
+            p.ends_with(" USER: Q1 ASSISTANT: A1<|end_of_text|>USER: Q2 ASSISTANT:"),
+            "{p}"
+        );
     }
 
     #[test]
@@ -313,13 +392,26 @@ mod tests {
         // Expected output produced by jinja2 with transformers' settings (trim_blocks,
         // lstrip_blocks): indentation before `{{` is kept, before `{%` is stripped.
         let t = "{% for m in messages %}\n  {{ m.role | upper }}: {{ m.content.strip() }}\n{% endfor %}\n{% if add_generation_prompt %}A:{% endif %}\n";
-        let msgs = [Message { role: "user".into(), content: " hi ".into() }];
-        assert_eq!(render_template(t, &msgs, true, "", "").expect("render"), "  USER: hi\nA:");
+        let msgs = [Message {
+            role: "user".into(),
+            content: " hi ".into(),
+        }];
+        assert_eq!(
+            render_template(t, &msgs, true, "", "").expect("render"),
+            "  USER: hi\nA:"
+        );
     }
 
     #[test]
     fn raise_exception_surfaces_the_message() {
-        let err = render_template("{{ raise_exception('only user/assistant') }}", &[], false, "", "").unwrap_err();
+        let err = render_template(
+            "{{ raise_exception('only user/assistant') }}",
+            &[],
+            false,
+            "",
+            "",
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("only user/assistant"), "{err}");
     }
 }

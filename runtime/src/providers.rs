@@ -13,12 +13,14 @@ use crate::engine::{EngineError, LoadOptions, session_builder};
 pub fn resolve(device: &Device) -> Result<Device, DeviceError> {
     match device {
         Device::Cpu => Ok(Device::Cpu),
-        Device::Cuda(_) if !cfg!(feature = "cuda") => {
-            Err(DeviceError::NotCompiled { device: device.to_string(), feature: "cuda" })
-        }
-        Device::TensorRt(_) if !cfg!(feature = "tensorrt") => {
-            Err(DeviceError::NotCompiled { device: device.to_string(), feature: "tensorrt" })
-        }
+        Device::Cuda(_) if !cfg!(feature = "cuda") => Err(DeviceError::NotCompiled {
+            device: device.to_string(),
+            feature: "cuda",
+        }),
+        Device::TensorRt(_) if !cfg!(feature = "tensorrt") => Err(DeviceError::NotCompiled {
+            device: device.to_string(),
+            feature: "tensorrt",
+        }),
         Device::Cuda(_) | Device::TensorRt(_) => Ok(device.clone()),
         Device::Auto => {
             let chosen = auto_choice();
@@ -48,8 +50,16 @@ fn auto_choice() -> Device {
 }
 
 /// Create a session for `path` on `device`.
-pub fn session(path: &Path, device: &Device, opts: &LoadOptions, manifest: &Manifest) -> Result<Session, EngineError> {
-    let fail = |reason: String| EngineError::Session { path: path.to_path_buf(), reason };
+pub fn session(
+    path: &Path,
+    device: &Device,
+    opts: &LoadOptions,
+    manifest: &Manifest,
+) -> Result<Session, EngineError> {
+    let fail = |reason: String| EngineError::Session {
+        path: path.to_path_buf(),
+        reason,
+    };
     let builder = session_builder(opts).map_err(fail)?;
     let builder = match device {
         Device::Cpu | Device::Auto => builder,
@@ -58,16 +68,28 @@ pub fn session(path: &Path, device: &Device, opts: &LoadOptions, manifest: &Mani
         #[cfg(feature = "tensorrt")]
         Device::TensorRt(id) => tensorrt(builder, *id, path, opts, manifest).map_err(fail)?,
         #[allow(unreachable_patterns)]
-        other => return Err(fail(format!("device {other} is not compiled into this build"))),
+        other => {
+            return Err(fail(format!(
+                "device {other} is not compiled into this build"
+            )));
+        }
     };
     let _ = manifest;
     let mut builder = builder;
-    builder.commit_from_file(path).map_err(|e| fail(e.to_string()))
+    builder
+        .commit_from_file(path)
+        .map_err(|e| fail(e.to_string()))
 }
 
 #[cfg(feature = "cuda")]
-fn cuda(builder: ort::session::builder::SessionBuilder, id: i32) -> Result<ort::session::builder::SessionBuilder, String> {
-    let ep = ort::ep::CUDA::default().with_device_id(id).build().error_on_failure();
+fn cuda(
+    builder: ort::session::builder::SessionBuilder,
+    id: i32,
+) -> Result<ort::session::builder::SessionBuilder, String> {
+    let ep = ort::ep::CUDA::default()
+        .with_device_id(id)
+        .build()
+        .error_on_failure();
     builder
         .with_execution_providers([ep])
         .map_err(|e| e.to_string())?
@@ -83,8 +105,12 @@ fn tensorrt(
     opts: &LoadOptions,
     manifest: &Manifest,
 ) -> Result<ort::session::builder::SessionBuilder, String> {
-    let cache = opts.cache_dir.clone().unwrap_or_else(|| path.parent().unwrap_or(Path::new(".")).join(".trt-cache"));
-    std::fs::create_dir_all(&cache).map_err(|e| format!("cannot create TensorRT cache {}: {e}", cache.display()))?;
+    let cache = opts
+        .cache_dir
+        .clone()
+        .unwrap_or_else(|| path.parent().unwrap_or(Path::new(".")).join(".trt-cache"));
+    std::fs::create_dir_all(&cache)
+        .map_err(|e| format!("cannot create TensorRT cache {}: {e}", cache.display()))?;
     let cache = cache.display().to_string();
     let mut trt = ort::ep::TensorRT::default()
         .with_device_id(id)
@@ -93,11 +119,17 @@ fn tensorrt(
         .with_engine_cache_path(&cache)
         .with_timing_cache(true)
         .with_timing_cache_path(&cache);
-    let file = path.file_name().and_then(|f| f.to_str()).unwrap_or_default();
+    let file = path
+        .file_name()
+        .and_then(|f| f.to_str())
+        .unwrap_or_default();
     let max = manifest.prompt.max_length;
     if file == manifest.graphs.decoder {
         let [min, opt, max] = crate::device::decoder_profiles(&manifest.text, max);
-        trt = trt.with_profile_min_shapes(min).with_profile_opt_shapes(opt).with_profile_max_shapes(max);
+        trt = trt
+            .with_profile_min_shapes(min)
+            .with_profile_opt_shapes(opt)
+            .with_profile_max_shapes(max);
     } else if file == manifest.graphs.embed {
         trt = trt
             .with_profile_min_shapes("input_ids:1x1")
@@ -110,7 +142,10 @@ fn tensorrt(
             .with_profile_opt_shapes(format!("pixel_values:1x3x{s}x{s}"))
             .with_profile_max_shapes(format!("pixel_values:4x3x{s}x{s}"));
     }
-    let cuda = ort::ep::CUDA::default().with_device_id(id).build().error_on_failure();
+    let cuda = ort::ep::CUDA::default()
+        .with_device_id(id)
+        .build()
+        .error_on_failure();
     builder
         .with_execution_providers([trt.build().error_on_failure(), cuda])
         .map_err(|e| e.to_string())?

@@ -5,7 +5,10 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace")
+        .to_path_buf()
 }
 
 fn carrot() -> Command {
@@ -38,7 +41,11 @@ fn assert_one_line_error(out: &std::process::Output, needle: &str) {
     assert!(!out.status.success(), "expected failure");
     let stderr = String::from_utf8_lossy(&out.stderr);
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "expected one line on stderr, got:\n{stderr}");
+    assert_eq!(
+        lines.len(),
+        1,
+        "expected one line on stderr, got:\n{stderr}"
+    );
     assert!(lines[0].starts_with("error: "), "{stderr}");
     assert!(lines[0].contains(needle), "`{needle}` not in: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
@@ -48,33 +55,75 @@ fn assert_one_line_error(out: &std::process::Output, needle: &str) {
 #[test]
 fn json_output_has_the_contract_keys_and_golden_tokens() {
     let goldens: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(root().join("fixtures/goldens/generate.json")).expect("generate.json"),
+        &std::fs::read_to_string(root().join("fixtures/goldens/generate.json"))
+            .expect("generate.json"),
     )
     .expect("json");
     let record = &goldens["records"]["carrot_image"];
-    let expected: Vec<u64> = record["output_ids"].as_array().expect("ids").iter().filter_map(|v| v.as_u64()).collect();
+    let expected: Vec<u64> = record["output_ids"]
+        .as_array()
+        .expect("ids")
+        .iter()
+        .filter_map(|v| v.as_u64())
+        .collect();
     let out = carrot()
         .args(["generate", "--model"])
         .arg(model())
         .arg("--image")
         .arg(root().join("fixtures/images/chelsea.png"))
-        .args(["--prompt", "What is in this picture?", "--temperature", "0", "--ignore-eos", "--json"])
+        .args([
+            "--prompt",
+            "What is in this picture?",
+            "--temperature",
+            "0",
+            "--ignore-eos",
+            "--json",
+        ])
         .args(["--max-new-tokens", &expected.len().to_string()])
         .output()
         .expect("run carrot");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8(out.stdout).expect("utf8");
-    assert_eq!(stdout.lines().count(), 1, "exactly one JSON object on stdout: {stdout}");
+    assert_eq!(
+        stdout.lines().count(),
+        1,
+        "exactly one JSON object on stdout: {stdout}"
+    );
     let v: serde_json::Value = serde_json::from_str(&stdout).expect("json object");
-    for key in ["text", "token_ids", "prompt_tokens", "generated_tokens", "finish_reason", "timings"] {
+    for key in [
+        "text",
+        "token_ids",
+        "prompt_tokens",
+        "generated_tokens",
+        "finish_reason",
+        "timings",
+    ] {
         assert!(v.get(key).is_some(), "missing {key} in {v}");
     }
     for key in ["load_ms", "vision_ms", "prefill_ms", "decode_ms"] {
-        assert!(v["timings"][key].as_f64().is_some(), "missing timings.{key} in {v}");
+        assert!(
+            v["timings"][key].as_f64().is_some(),
+            "missing timings.{key} in {v}"
+        );
     }
-    let ids: Vec<u64> = v["token_ids"].as_array().expect("ids").iter().filter_map(|x| x.as_u64()).collect();
-    assert_eq!(ids, expected, "greedy tokens differ from the transformers golden");
-    assert_eq!(v["prompt_tokens"].as_u64(), record["num_positions"].as_u64());
+    let ids: Vec<u64> = v["token_ids"]
+        .as_array()
+        .expect("ids")
+        .iter()
+        .filter_map(|x| x.as_u64())
+        .collect();
+    assert_eq!(
+        ids, expected,
+        "greedy tokens differ from the transformers golden"
+    );
+    assert_eq!(
+        v["prompt_tokens"].as_u64(),
+        record["num_positions"].as_u64()
+    );
     assert_eq!(v["generated_tokens"].as_u64(), Some(expected.len() as u64));
     assert_eq!(v["finish_reason"], "length");
 }
@@ -84,7 +133,12 @@ fn missing_ort_library_is_one_line_naming_it() {
     let out = carrot()
         .args(["generate", "--model"])
         .arg(model())
-        .args(["--prompt", "hi", "--ort-lib", "/nonexistent/libonnxruntime.so"])
+        .args([
+            "--prompt",
+            "hi",
+            "--ort-lib",
+            "/nonexistent/libonnxruntime.so",
+        ])
         .output()
         .expect("run carrot");
     assert_one_line_error(&out, "/nonexistent/libonnxruntime.so");
@@ -92,7 +146,16 @@ fn missing_ort_library_is_one_line_naming_it() {
 
 #[test]
 fn missing_model_dir_names_the_manifest() {
-    let out = carrot().args(["generate", "--model", "/nonexistent/export", "--prompt", "hi"]).output().expect("run");
+    let out = carrot()
+        .args([
+            "generate",
+            "--model",
+            "/nonexistent/export",
+            "--prompt",
+            "hi",
+        ])
+        .output()
+        .expect("run");
     assert_one_line_error(&out, "/nonexistent/export/carrot.json");
 }
 
@@ -167,7 +230,13 @@ fn chat_answers_two_turns_and_exits_on_an_empty_line() {
         .arg(model())
         .arg("--image")
         .arg(root().join("fixtures/images/chelsea.png"))
-        .args(["--temperature", "0", "--max-new-tokens", "4", "--ignore-eos"])
+        .args([
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "4",
+            "--ignore-eos",
+        ])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -180,7 +249,15 @@ fn chat_answers_two_turns_and_exits_on_an_empty_line() {
         .write_all(b"What is in this picture?\nAnd what colour is it?\n\n")
         .expect("write");
     let out = child.wait_with_output().expect("wait");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(stdout.lines().filter(|l| !l.is_empty()).count(), 2, "two answers: {stdout:?}");
+    assert_eq!(
+        stdout.lines().filter(|l| !l.is_empty()).count(),
+        2,
+        "two answers: {stdout:?}"
+    );
 }

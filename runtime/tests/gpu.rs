@@ -10,20 +10,30 @@ use carrot_runtime::engine::LoadOptions;
 use carrot_runtime::pipeline::{ImageSource, Params, Pipeline, Prompt};
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace")
+        .to_path_buf()
 }
 
 fn export(dtype: carrot_graphs::config::DType, dir: &Path) -> PathBuf {
     let out = dir.join("carrot-tiny");
-    carrot_runtime::demo::export_fixture("carrot-tiny", &out, dtype, carrot_graphs::llama::Logits::Last, false)
-        .expect("export");
+    carrot_runtime::demo::export_fixture(
+        "carrot-tiny",
+        &out,
+        dtype,
+        carrot_graphs::llama::Logits::Last,
+        false,
+    )
+    .expect("export");
     out
 }
 
 fn golden_ids() -> Vec<u32> {
-    let g: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(root().join("fixtures/goldens/generate.json")).expect("read"))
-            .expect("json");
+    let g: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("fixtures/goldens/generate.json")).expect("read"),
+    )
+    .expect("json");
     g["records"]["carrot_image"]["output_ids"]
         .as_array()
         .expect("ids")
@@ -35,13 +45,28 @@ fn golden_ids() -> Vec<u32> {
 fn run_on(device: Device, dtype: carrot_graphs::config::DType) -> Vec<u32> {
     let tmp = tempfile::tempdir().expect("tmp");
     let out = export(dtype, tmp.path());
-    let opts = LoadOptions { device: device.clone(), ..LoadOptions::default() };
+    let opts = LoadOptions {
+        device: device.clone(),
+        ..LoadOptions::default()
+    };
     let mut p = Pipeline::load(&out, &opts).unwrap_or_else(|e| panic!("loading on {device}: {e}"));
     let expected = golden_ids();
-    let params = Params { max_new_tokens: Some(expected.len()), temperature: Some(0.0), ignore_eos: true, ..Params::default() };
-    let images = [ImageSource::Path(root().join("fixtures/images/chelsea.png"))];
-    let prompt = Prompt::Text { text: "What is in this picture?".into(), raw: false };
-    let answer = p.generate(&prompt, &images, &params, |_| {}).expect("generate");
+    let params = Params {
+        max_new_tokens: Some(expected.len()),
+        temperature: Some(0.0),
+        ignore_eos: true,
+        ..Params::default()
+    };
+    let images = [ImageSource::Path(
+        root().join("fixtures/images/chelsea.png"),
+    )];
+    let prompt = Prompt::Text {
+        text: "What is in this picture?".into(),
+        raw: false,
+    };
+    let answer = p
+        .generate(&prompt, &images, &params, |_| {})
+        .expect("generate");
     let t = answer.output.timings;
     eprintln!(
         "GPU-CHECK {device} {dtype:?}: prefill {:.1} ms, decode {:.1} ms for {} tokens",
@@ -53,20 +78,33 @@ fn run_on(device: Device, dtype: carrot_graphs::config::DType) -> Vec<u32> {
 #[cfg(feature = "cuda")]
 #[test]
 fn cuda_fp32_reproduces_the_golden_tokens() {
-    assert_eq!(run_on(Device::Cuda(0), carrot_graphs::config::DType::F32), golden_ids());
+    assert_eq!(
+        run_on(Device::Cuda(0), carrot_graphs::config::DType::F32),
+        golden_ids()
+    );
 }
 
 #[cfg(feature = "cuda")]
 #[test]
 fn cuda_fp16_runs_and_mostly_agrees() {
     let ids = run_on(Device::Cuda(0), carrot_graphs::config::DType::F16);
-    let same = ids.iter().zip(golden_ids()).take_while(|(a, b)| **a == *b).count();
-    eprintln!("GPU-CHECK cuda fp16: first {same} of {} tokens equal the fp32 golden", ids.len());
+    let same = ids
+        .iter()
+        .zip(golden_ids())
+        .take_while(|(a, b)| **a == *b)
+        .count();
+    eprintln!(
+        "GPU-CHECK cuda fp16: first {same} of {} tokens equal the fp32 golden",
+        ids.len()
+    );
     assert_eq!(ids.len(), golden_ids().len());
 }
 
 #[cfg(feature = "tensorrt")]
 #[test]
 fn tensorrt_fp32_reproduces_the_golden_tokens() {
-    assert_eq!(run_on(Device::TensorRt(0), carrot_graphs::config::DType::F32), golden_ids());
+    assert_eq!(
+        run_on(Device::TensorRt(0), carrot_graphs::config::DType::F32),
+        golden_ids()
+    );
 }

@@ -7,11 +7,15 @@ use std::path::{Path, PathBuf};
 use carrot_runtime::prompt::{Message, PromptTokenizer, Turn, bunny_prompt};
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace")
+        .to_path_buf()
 }
 
 fn records() -> serde_json::Value {
-    let text = std::fs::read_to_string(root().join("fixtures/goldens/generate.json")).expect("generate.json");
+    let text = std::fs::read_to_string(root().join("fixtures/goldens/generate.json"))
+        .expect("generate.json");
     serde_json::from_str::<serde_json::Value>(&text).expect("json")["records"].clone()
 }
 
@@ -24,14 +28,21 @@ fn tokenizer_dir(chat_template_from: Option<&str>) -> tempfile::TempDir {
             .unwrap_or_else(|e| panic!("{}: {e} (run scripts/setup.sh)", tok.join(leaf).display()));
     }
     if let Some(model) = chat_template_from {
-        let src = root().join("fixtures/models").join(model).join("chat_template.jinja");
+        let src = root()
+            .join("fixtures/models")
+            .join(model)
+            .join("chat_template.jinja");
         std::fs::copy(&src, dir.path().join("chat_template.jinja")).expect("chat template");
     }
     dir
 }
 
 fn ids(v: &serde_json::Value) -> Vec<i64> {
-    v.as_array().expect("ids").iter().filter_map(serde_json::Value::as_i64).collect()
+    v.as_array()
+        .expect("ids")
+        .iter()
+        .filter_map(serde_json::Value::as_i64)
+        .collect()
 }
 
 #[test]
@@ -42,17 +53,37 @@ fn bunny_prompts_equal_the_reference_ids() {
         let r = &records()[name];
         let question = r["question"].as_str().expect("question");
         let image = !r["image"].is_null();
-        let text = bunny_prompt(&[Turn { user: question.into(), assistant: None }], image, "<image>");
-        assert_eq!(text, r["prompt"].as_str().expect("prompt"), "{name}: template text");
-        let got = tok.encode_with_images(&text, "<image>", -200, Some(128000)).expect("encode");
+        let text = bunny_prompt(
+            &[Turn {
+                user: question.into(),
+                assistant: None,
+            }],
+            image,
+            "<image>",
+        );
+        assert_eq!(
+            text,
+            r["prompt"].as_str().expect("prompt"),
+            "{name}: template text"
+        );
+        let got = tok
+            .encode_with_images(&text, "<image>", -200, Some(128000))
+            .expect("encode");
         assert_eq!(got, ids(&r["input_ids"]), "{name}: prompt ids");
-        assert_eq!(got.iter().filter(|&&i| i == -200).count(), usize::from(image), "{name}: sentinels");
+        assert_eq!(
+            got.iter().filter(|&&i| i == -200).count(),
+            usize::from(image),
+            "{name}: sentinels"
+        );
     }
 }
 
 #[test]
 fn chat_template_prompts_equal_apply_chat_template() {
-    for (name, model) in [("llama_chat", "llama-base-tiny"), ("llama_rslora_chat", "llama-base-tiny")] {
+    for (name, model) in [
+        ("llama_chat", "llama-base-tiny"),
+        ("llama_rslora_chat", "llama-base-tiny"),
+    ] {
         let dir = tokenizer_dir(Some(model));
         let tok = PromptTokenizer::from_dir(dir.path()).expect("tokenizer");
         let r = &records()[name];
@@ -66,9 +97,22 @@ fn chat_template_prompts_equal_apply_chat_template() {
             })
             .collect();
         let text = tok.render_chat(&messages, true).expect("render");
-        assert_eq!(text, r["prompt"].as_str().expect("prompt"), "{name}: rendered template");
-        let got: Vec<i64> = tok.encode_chat(&messages).expect("encode").into_iter().map(i64::from).collect();
-        assert_eq!(got, ids(&r["input_ids"]), "{name}: prompt ids (one BOS, from the template)");
+        assert_eq!(
+            text,
+            r["prompt"].as_str().expect("prompt"),
+            "{name}: rendered template"
+        );
+        let got: Vec<i64> = tok
+            .encode_chat(&messages)
+            .expect("encode")
+            .into_iter()
+            .map(i64::from)
+            .collect();
+        assert_eq!(
+            got,
+            ids(&r["input_ids"]),
+            "{name}: prompt ids (one BOS, from the template)"
+        );
     }
 }
 
@@ -79,10 +123,21 @@ fn chunked_tokenization_differs_from_whole_string_tokenization() {
     let dir = tokenizer_dir(None);
     let tok = PromptTokenizer::from_dir(dir.path()).expect("tokenizer");
     let text = "USER: <image>\nWhat is this?";
-    let chunked = tok.encode_with_images(text, "<image>", -200, Some(128000)).expect("chunked");
-    let whole: Vec<i64> = tok.encode(text, true).expect("whole").into_iter().map(i64::from).collect();
+    let chunked = tok
+        .encode_with_images(text, "<image>", -200, Some(128000))
+        .expect("chunked");
+    let whole: Vec<i64> = tok
+        .encode(text, true)
+        .expect("whole")
+        .into_iter()
+        .map(i64::from)
+        .collect();
     assert_eq!(chunked[0], 128000);
-    assert_eq!(chunked.iter().filter(|&&i| i == 128000).count(), 1, "one BOS: {chunked:?}");
+    assert_eq!(
+        chunked.iter().filter(|&&i| i == 128000).count(),
+        1,
+        "one BOS: {chunked:?}"
+    );
     assert_ne!(chunked, whole);
 }
 
@@ -90,7 +145,9 @@ fn chunked_tokenization_differs_from_whole_string_tokenization() {
 fn prompt_starting_with_the_image_keeps_one_bos() {
     let dir = tokenizer_dir(None);
     let tok = PromptTokenizer::from_dir(dir.path()).expect("tokenizer");
-    let got = tok.encode_with_images("<image>\nhi", "<image>", -200, Some(128000)).expect("encode");
+    let got = tok
+        .encode_with_images("<image>\nhi", "<image>", -200, Some(128000))
+        .expect("encode");
     assert_eq!(&got[..2], &[128000, -200], "{got:?}");
     assert_eq!(got.iter().filter(|&&i| i == 128000).count(), 1);
 }

@@ -18,7 +18,8 @@ pub fn workspace_root() -> PathBuf {
 /// `ORT_DYLIB_PATH`, the project cache filled by `scripts/setup.sh`, a Python `onnxruntime`.
 pub fn init_ort() -> anyhow::Result<&'static ort::environment::Environment> {
     carrot_runtime::ort_lib::init(None)?;
-    carrot_runtime::ort_lib::environment().ok_or_else(|| anyhow::anyhow!("ONNX Runtime environment missing after init"))
+    carrot_runtime::ort_lib::environment()
+        .ok_or_else(|| anyhow::anyhow!("ONNX Runtime environment missing after init"))
 }
 
 /// Runs `onnx.checker.check_model(path, full_check=True)` on each file (through

@@ -311,9 +311,15 @@ fn bf16_graphs_are_refused_on_cpu_with_a_clear_message() {
     // (checked by scripts/gpu-check.sh). On the CPU the runtime must refuse, naming the fix.
     let exported = exported(Layout::Merged, DType::BF16);
     carrot_tests::init_ort().expect("ONNX Runtime");
-    let err = carrot_runtime::engine::Engine::load(&exported.dir, &carrot_runtime::engine::LoadOptions::default())
-        .expect_err("bf16 graphs must be refused on the CPU")
-        .to_string();
-    assert!(err.contains("bf16") && err.contains("--dtype fp32 or fp16"), "{err}");
+    let err = carrot_runtime::engine::Engine::load(
+        &exported.dir,
+        &carrot_runtime::engine::LoadOptions::default(),
+    )
+    .expect_err("bf16 graphs must be refused on the CPU")
+    .to_string();
+    assert!(
+        err.contains("bf16") && err.contains("--dtype fp32 or fp16"),
+        "{err}"
+    );
     assert!(!err.contains('\n'), "one line: {err}");
 }
