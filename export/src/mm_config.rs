@@ -169,7 +169,10 @@ pub fn resolve_multimodal(
         ));
     }
     Ok(MultimodalConfig {
-        vision: siglip.with_layers_used(layers),
+        vision: VisionConfig {
+            tower: siglip,
+            layers_used: layers,
+        },
         projector: ProjectorConfig {
             depth: kind.depth,
             in_features,

@@ -456,7 +456,7 @@ fn build_manifest(plan: &ExportPlan, model: &ResolvedModel, dtype: DType) -> Man
             max_position_embeddings: text.max_position_embeddings,
         },
         vision: mm.map(|m| manifest::Vision {
-            image_size: m.vision.image_size,
+            image_size: m.vision.tower.image_size,
             num_image_tokens: m.vision.num_image_tokens(),
             image_aspect_ratio: m.settings.image_aspect_ratio.manifest_name().into(),
             pad_color: [127, 127, 127],

@@ -2,7 +2,7 @@
 //! config, or a bare `vision_config` object, with `SiglipVisionConfig`'s defaults
 //! (transformers `models/siglip/configuration_siglip.py`).
 
-use carrot_graphs::config::{Activation, VisionConfig};
+use carrot_graphs::config::Activation;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -74,97 +74,68 @@ pub fn activation(name: &str, file: &str) -> Result<Activation, ConfigError> {
 }
 
 /// The SigLIP vision hyper-parameters, before the feature layer is chosen.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct SiglipParams {
-    pub hidden_size: usize,
-    pub intermediate_size: usize,
-    pub num_layers: usize,
-    pub num_attention_heads: usize,
-    pub num_channels: usize,
-    pub image_size: usize,
-    pub patch_size: usize,
-    pub layer_norm_eps: f64,
-    pub activation: Activation,
-}
+pub type SiglipParams = carrot_graphs::config::SiglipTower;
 
-impl SiglipParams {
-    /// Parses a SigLIP config: a `SiglipModel` config (uses its `vision_config`), a
-    /// `SiglipVisionModel` config, or a bare `vision_config` object. Missing keys take
-    /// `SiglipVisionConfig`'s defaults, as the published configs rely on them.
-    pub fn from_value(value: &Value, file: &str) -> Result<Self, ConfigError> {
-        let raw: HfSiglipVisionConfig = serde_json::from_value(value.clone())
-            .map_err(|e| ConfigError::invalid(file, e.to_string()))?;
-        if let Some(inner) = &raw.vision_config {
-            if raw
-                .model_type
-                .as_deref()
-                .is_some_and(|t| t == "siglip_vision_model")
-            {
-                return Err(ConfigError::invalid(
-                    file,
-                    "a siglip_vision_model config holding a vision_config",
-                ));
-            }
-            return Self::from_value(inner, file);
-        }
-        if let Some(t) = raw.model_type.as_deref()
-            && !matches!(t, "siglip_vision_model" | "siglip")
-        {
-            return Err(ConfigError::unsupported(
-                file,
-                format!("vision tower model_type `{t}` (only SigLIP is)"),
-            ));
-        }
-        let params = SiglipParams {
-            hidden_size: raw.hidden_size.unwrap_or(768),
-            intermediate_size: raw.intermediate_size.unwrap_or(3072),
-            num_layers: raw.num_hidden_layers.unwrap_or(12),
-            num_attention_heads: raw.num_attention_heads.unwrap_or(12),
-            num_channels: raw.num_channels.unwrap_or(3),
-            image_size: square_size(&raw.image_size, 224, file, "image_size")?,
-            patch_size: square_size(&raw.patch_size, 16, file, "patch_size")?,
-            layer_norm_eps: raw.layer_norm_eps.unwrap_or(1e-6),
-            activation: activation(
-                raw.hidden_act.as_deref().unwrap_or("gelu_pytorch_tanh"),
-                file,
-            )?,
-        };
-        if !params
-            .hidden_size
-            .is_multiple_of(params.num_attention_heads)
+/// Parses a SigLIP config: a `SiglipModel` config (uses its `vision_config`), a
+/// `SiglipVisionModel` config, or a bare `vision_config` object. Missing keys take
+/// `SiglipVisionConfig`'s defaults, as the published configs rely on them.
+pub fn siglip_from_value(value: &Value, file: &str) -> Result<SiglipParams, ConfigError> {
+    let raw: HfSiglipVisionConfig = serde_json::from_value(value.clone())
+        .map_err(|e| ConfigError::invalid(file, e.to_string()))?;
+    if let Some(inner) = &raw.vision_config {
+        if raw
+            .model_type
+            .as_deref()
+            .is_some_and(|t| t == "siglip_vision_model")
         {
             return Err(ConfigError::invalid(
                 file,
-                format!(
-                    "vision hidden_size ({}) is not a multiple of num_attention_heads ({})",
-                    params.hidden_size, params.num_attention_heads
-                ),
+                "a siglip_vision_model config holding a vision_config",
             ));
         }
-        if params.patch_size > params.image_size {
-            return Err(ConfigError::invalid(
-                file,
-                "vision patch_size is larger than image_size",
-            ));
-        }
-        Ok(params)
+        return siglip_from_value(inner, file);
     }
-
-    /// The resolved vision config, running `layers_used` encoder layers.
-    pub fn with_layers_used(self, layers_used: usize) -> VisionConfig {
-        VisionConfig {
-            hidden_size: self.hidden_size,
-            intermediate_size: self.intermediate_size,
-            num_layers: self.num_layers,
-            num_attention_heads: self.num_attention_heads,
-            num_channels: self.num_channels,
-            image_size: self.image_size,
-            patch_size: self.patch_size,
-            layer_norm_eps: self.layer_norm_eps,
-            activation: self.activation,
-            layers_used,
-        }
+    if let Some(t) = raw.model_type.as_deref()
+        && !matches!(t, "siglip_vision_model" | "siglip")
+    {
+        return Err(ConfigError::unsupported(
+            file,
+            format!("vision tower model_type `{t}` (only SigLIP is)"),
+        ));
     }
+    let params = SiglipParams {
+        hidden_size: raw.hidden_size.unwrap_or(768),
+        intermediate_size: raw.intermediate_size.unwrap_or(3072),
+        num_layers: raw.num_hidden_layers.unwrap_or(12),
+        num_attention_heads: raw.num_attention_heads.unwrap_or(12),
+        num_channels: raw.num_channels.unwrap_or(3),
+        image_size: square_size(&raw.image_size, 224, file, "image_size")?,
+        patch_size: square_size(&raw.patch_size, 16, file, "patch_size")?,
+        layer_norm_eps: raw.layer_norm_eps.unwrap_or(1e-6),
+        activation: activation(
+            raw.hidden_act.as_deref().unwrap_or("gelu_pytorch_tanh"),
+            file,
+        )?,
+    };
+    if !params
+        .hidden_size
+        .is_multiple_of(params.num_attention_heads)
+    {
+        return Err(ConfigError::invalid(
+            file,
+            format!(
+                "vision hidden_size ({}) is not a multiple of num_attention_heads ({})",
+                params.hidden_size, params.num_attention_heads
+            ),
+        ));
+    }
+    if params.patch_size > params.image_size {
+        return Err(ConfigError::invalid(
+            file,
+            "vision patch_size is larger than image_size",
+        ));
+    }
+    Ok(params)
 }
 
 #[cfg(test)]
@@ -175,20 +146,20 @@ mod tests {
     fn siglip_activation_and_image_size() {
         let v = serde_json::json!({"hidden_act": "quick_gelu", "image_size": [56, 56], "patch_size": 14,
             "hidden_size": 16, "num_attention_heads": 2});
-        let p = SiglipParams::from_value(&v, "c").expect("params");
+        let p = siglip_from_value(&v, "c").expect("params");
         assert_eq!((p.activation, p.image_size), (Activation::QuickGelu, 56));
         let v = serde_json::json!({"image_size": [56, 28]});
         assert!(
-            SiglipParams::from_value(&v, "c")
+            siglip_from_value(&v, "c")
                 .expect_err("non-square")
                 .to_string()
                 .contains("non-square")
         );
         let v = serde_json::json!({"hidden_act": "relu"});
-        assert!(SiglipParams::from_value(&v, "c").is_err());
+        assert!(siglip_from_value(&v, "c").is_err());
         let v = serde_json::json!({"model_type": "clip_vision_model"});
         assert!(
-            SiglipParams::from_value(&v, "c")
+            siglip_from_value(&v, "c")
                 .expect_err("clip")
                 .to_string()
                 .contains("only SigLIP")

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use carrot_graphs::config::Activation;
 
 use crate::hf_config::{ConfigError, HfModelConfig, read_json};
-use crate::siglip_config::SiglipParams;
+use crate::siglip_config::{SiglipParams, siglip_from_value};
 
 /// SigLIP vision towers whose configs are known without a local copy, with the values of their
 /// published `config.json` (`vision_config`, transformers defaults filled in).
@@ -99,7 +99,7 @@ pub fn read_siglip_dir(dir: &Path) -> Result<SiglipParams, ConfigError> {
         });
     }
     let value: serde_json::Value = read_json(&path)?;
-    SiglipParams::from_value(&value, &path.display().to_string())
+    siglip_from_value(&value, &path.display().to_string())
 }
 
 /// The local directory `mm_vision_tower` names, if it is one.
@@ -125,7 +125,7 @@ pub fn resolve_siglip(
     }
     if let Some(value) = cfg.vision_config.as_ref().filter(|v| !v.is_null()) {
         return Ok((
-            SiglipParams::from_value(value, config_file)?,
+            siglip_from_value(value, config_file)?,
             VisionOrigin::Embedded,
         ));
     }

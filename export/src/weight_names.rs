@@ -60,12 +60,12 @@ pub fn text_tensors(cfg: &TextConfig) -> Vec<(String, Vec<usize>)> {
 
 /// The SigLIP tensors a vision export reads (only the `layers_used` encoder layers).
 pub fn vision_tensors(cfg: &VisionConfig) -> Vec<(String, Vec<usize>)> {
-    let h = cfg.hidden_size;
-    let p = cfg.patch_size;
+    let h = cfg.tower.hidden_size;
+    let p = cfg.tower.patch_size;
     let mut out = vec![
         (
             "vision_model.embeddings.patch_embedding.weight".to_string(),
-            vec![h, cfg.num_channels, p, p],
+            vec![h, cfg.tower.num_channels, p, p],
         ),
         (
             "vision_model.embeddings.patch_embedding.bias".to_string(),
@@ -88,12 +88,15 @@ pub fn vision_tensors(cfg: &VisionConfig) -> Vec<(String, Vec<usize>)> {
         }
         out.push((
             format!("{key}.mlp.fc1.weight"),
-            vec![cfg.intermediate_size, h],
+            vec![cfg.tower.intermediate_size, h],
         ));
-        out.push((format!("{key}.mlp.fc1.bias"), vec![cfg.intermediate_size]));
+        out.push((
+            format!("{key}.mlp.fc1.bias"),
+            vec![cfg.tower.intermediate_size],
+        ));
         out.push((
             format!("{key}.mlp.fc2.weight"),
-            vec![h, cfg.intermediate_size],
+            vec![h, cfg.tower.intermediate_size],
         ));
         out.push((format!("{key}.mlp.fc2.bias"), vec![h]));
     }
@@ -181,7 +184,7 @@ pub fn bunny_non_lora_names<'a>(keys: impl Iterator<Item = &'a str>) -> HashMap<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use carrot_graphs::config::{Activation, RopeConfig};
+    use carrot_graphs::config::{Activation, RopeConfig, SiglipTower};
 
     #[test]
     fn projector_names_skip_the_gelus() {
@@ -275,15 +278,17 @@ mod tests {
         assert!(t.contains(&("model.layers.1.self_attn.k_proj.weight".into(), vec![4, 8])));
         assert!(t.contains(&("model.layers.0.self_attn.o_proj.bias".into(), vec![8])));
         let vision = VisionConfig {
-            hidden_size: 8,
-            intermediate_size: 12,
-            num_layers: 3,
-            num_attention_heads: 2,
-            num_channels: 3,
-            image_size: 30,
-            patch_size: 14,
-            layer_norm_eps: 1e-6,
-            activation: Activation::GeluTanh,
+            tower: SiglipTower {
+                hidden_size: 8,
+                intermediate_size: 12,
+                num_layers: 3,
+                num_attention_heads: 2,
+                num_channels: 3,
+                image_size: 30,
+                patch_size: 14,
+                layer_norm_eps: 1e-6,
+                activation: Activation::GeluTanh,
+            },
             layers_used: 2,
         };
         let v = vision_tensors(&vision);

@@ -165,14 +165,14 @@ fn merged_carrot_checkpoint() {
     };
     assert_eq!(
         (
-            mm.vision.hidden_size,
-            mm.vision.num_layers,
+            mm.vision.tower.hidden_size,
+            mm.vision.tower.num_layers,
             mm.vision.layers_used
         ),
         (24, 3, 2)
     );
     assert_eq!(
-        (mm.vision.image_size, mm.vision.num_image_tokens()),
+        (mm.vision.tower.image_size, mm.vision.num_image_tokens()),
         (60, 16)
     );
     assert_eq!(

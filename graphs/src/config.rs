@@ -80,9 +80,9 @@ pub enum Activation {
     QuickGelu,
 }
 
-/// The SigLIP vision transformer, as `SiglipVisionConfig` in transformers.
-#[derive(Debug, Clone, PartialEq)]
-pub struct VisionConfig {
+/// The SigLIP vision transformer's hyper-parameters, as `SiglipVisionConfig` in transformers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SiglipTower {
     pub hidden_size: usize,
     pub intermediate_size: usize,
     pub num_layers: usize,
@@ -92,11 +92,9 @@ pub struct VisionConfig {
     pub patch_size: usize,
     pub layer_norm_eps: f64,
     pub activation: Activation,
-    /// Number of encoder layers actually run: `hidden_states[-2]` means `num_layers - 1`.
-    pub layers_used: usize,
 }
 
-impl VisionConfig {
+impl SiglipTower {
     /// Patches per side (`image_size / patch_size`, rounded down as the convolution does).
     pub fn patches_per_side(&self) -> usize {
         self.image_size / self.patch_size
@@ -105,6 +103,21 @@ impl VisionConfig {
     /// Tokens produced per image.
     pub fn num_image_tokens(&self) -> usize {
         self.patches_per_side() * self.patches_per_side()
+    }
+}
+
+/// The vision tower as a Bunny-style model uses it: the tower and how many of its encoder layers
+/// run (`hidden_states[-2]` means `num_layers - 1`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct VisionConfig {
+    pub tower: SiglipTower,
+    pub layers_used: usize,
+}
+
+impl VisionConfig {
+    /// Tokens produced per image.
+    pub fn num_image_tokens(&self) -> usize {
+        self.tower.num_image_tokens()
     }
 }
 

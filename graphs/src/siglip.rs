@@ -4,7 +4,7 @@
 //! attention-pool head are never used by Bunny-style models and are not built.
 
 use crate::builder::{Dim, ElemType, Value};
-use crate::config::{Activation, VisionConfig};
+use crate::config::{Activation, SiglipTower, VisionConfig};
 use crate::nn::{self, Ctx, GraphError, Result};
 
 const PREFIX: &str = "vision_model";
@@ -14,7 +14,7 @@ const PREFIX: &str = "vision_model";
 /// ```text
 ///   pixel_values ─Cast─Conv(k=p, s=p)─Reshape[b,hidden,N]─Transpose[b,N,hidden]─Add(position_embedding)─▶
 /// ```
-pub fn embeddings(ctx: &mut Ctx<'_>, cfg: &VisionConfig, pixel_values: &Value) -> Result<Value> {
+pub fn embeddings(ctx: &mut Ctx<'_>, cfg: &SiglipTower, pixel_values: &Value) -> Result<Value> {
     let (h, c, p) = (cfg.hidden_size, cfg.num_channels, cfg.patch_size);
     let n = cfg.num_image_tokens();
     // ONNX `Conv` has no bfloat16 kernel type: a bf16 graph runs the patch embedding in float32.
@@ -80,7 +80,7 @@ pub fn embeddings(ctx: &mut Ctx<'_>, cfg: &VisionConfig, pixel_values: &Value) -
 ///   x ─v_proj─Reshape[b,N,H,d]─Transpose[b,H,N,d]───────────────────────────────────────────────────MatMul
 ///        ─Transpose[b,N,H,d]─Reshape[b,N,hidden]─out_proj─▶
 /// ```
-fn attention(ctx: &mut Ctx<'_>, cfg: &VisionConfig, key: &str, x: &Value) -> Result<Value> {
+fn attention(ctx: &mut Ctx<'_>, cfg: &SiglipTower, key: &str, x: &Value) -> Result<Value> {
     let (hidden, heads) = (cfg.hidden_size, cfg.num_attention_heads);
     let d = hidden / heads;
     let q = nn::linear(
@@ -140,7 +140,7 @@ fn attention(ctx: &mut Ctx<'_>, cfg: &VisionConfig, key: &str, x: &Value) -> Res
 }
 
 /// `SiglipMLP`: `fc2(act(fc1(x)))`.
-fn mlp(ctx: &mut Ctx<'_>, cfg: &VisionConfig, key: &str, x: &Value) -> Result<Value> {
+fn mlp(ctx: &mut Ctx<'_>, cfg: &SiglipTower, key: &str, x: &Value) -> Result<Value> {
     let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
     let y = nn::linear(ctx, "fc1", &format!("{key}.fc1"), x, h, i, true)?;
     let y = match cfg.activation {
@@ -152,7 +152,7 @@ fn mlp(ctx: &mut Ctx<'_>, cfg: &VisionConfig, key: &str, x: &Value) -> Result<Va
 }
 
 /// `SiglipEncoderLayer`: `h = x + attn(ln1(x))`, `y = h + mlp(ln2(h))`.
-fn encoder_layer(ctx: &mut Ctx<'_>, cfg: &VisionConfig, layer: usize, x: &Value) -> Result<Value> {
+fn encoder_layer(ctx: &mut Ctx<'_>, cfg: &SiglipTower, layer: usize, x: &Value) -> Result<Value> {
     let key = format!("{PREFIX}.encoder.layers.{layer}");
     let (h, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
     ctx.b.push_scope(&format!("/vision/encoder/layers.{layer}"));
@@ -182,27 +182,32 @@ fn encoder_layer(ctx: &mut Ctx<'_>, cfg: &VisionConfig, layer: usize, x: &Value)
 /// The vision tower: `pixel_values` → features after `cfg.layers_used` encoder layers
 /// (`hidden_states[-2]` for Bunny-style models), `[b, N, hidden]` in the activation dtype.
 pub fn vision_tower(ctx: &mut Ctx<'_>, cfg: &VisionConfig, pixel_values: &Value) -> Result<Value> {
-    if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
+    if cfg.tower.num_attention_heads == 0
+        || !cfg
+            .tower
+            .hidden_size
+            .is_multiple_of(cfg.tower.num_attention_heads)
+    {
         return Err(GraphError::Config(format!(
             "vision hidden_size {} is not a multiple of num_attention_heads {}",
-            cfg.hidden_size, cfg.num_attention_heads
+            cfg.tower.hidden_size, cfg.tower.num_attention_heads
         )));
     }
-    if cfg.layers_used == 0 || cfg.layers_used > cfg.num_layers {
+    if cfg.layers_used == 0 || cfg.layers_used > cfg.tower.num_layers {
         return Err(GraphError::Config(format!(
             "vision feature layer {} is outside the tower's {} layers",
-            cfg.layers_used, cfg.num_layers
+            cfg.layers_used, cfg.tower.num_layers
         )));
     }
-    let mut x = embeddings(ctx, cfg, pixel_values)?;
+    let mut x = embeddings(ctx, &cfg.tower, pixel_values)?;
     for layer in 0..cfg.layers_used {
-        x = encoder_layer(ctx, cfg, layer, &x)?;
+        x = encoder_layer(ctx, &cfg.tower, layer, &x)?;
     }
     Ok(x)
 }
 
 /// Declare the `pixel_values` input of vision.onnx.
-pub fn pixel_values_input(ctx: &mut Ctx<'_>, cfg: &VisionConfig) -> Result<Value> {
+pub fn pixel_values_input(ctx: &mut Ctx<'_>, cfg: &SiglipTower) -> Result<Value> {
     let s = cfg.image_size as i64;
     Ok(ctx.b.input(
         carrot_contract::names::PIXEL_VALUES,

@@ -13,13 +13,13 @@ pub fn build_vision(
     vision: &VisionConfig,
     proj: &ProjectorConfig,
 ) -> Result<()> {
-    if proj.in_features != vision.hidden_size {
+    if proj.in_features != vision.tower.hidden_size {
         return Err(GraphError::Config(format!(
             "projector input width {} (mm_hidden_size) does not match the vision tower's hidden_size {}",
-            proj.in_features, vision.hidden_size
+            proj.in_features, vision.tower.hidden_size
         )));
     }
-    let pixels = siglip::pixel_values_input(ctx, vision)?;
+    let pixels = siglip::pixel_values_input(ctx, &vision.tower)?;
     let features = siglip::vision_tower(ctx, vision, &pixels)?;
     let projected = projector::projector(ctx, proj, &features)?;
     ctx.b.push_scope("/mm_projector");
