@@ -95,22 +95,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         summary.tensors
     );
     for (file, bytes) in &summary.files {
-        eprintln!("  {file:<28} {:>12}", human_bytes(*bytes));
+        eprintln!(
+            "  {file:<28} {:>12}",
+            indicatif::HumanBytes(*bytes).to_string()
+        );
     }
     Ok(())
-}
-
-fn human_bytes(b: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
 }

@@ -161,10 +161,7 @@ pub fn check_plan(plan: &ExportPlan) -> Result<(), PipelineError> {
         )));
     }
     if plan.out.exists() && !plan.force {
-        return Err(PipelineError::Plan(format!(
-            "--out {} already exists; pass --force to replace it",
-            plan.out.display()
-        )));
+        return Err(out_exists(&plan.out));
     }
     if plan.out.exists() && !plan.out.is_dir() {
         return Err(PipelineError::Plan(format!(
@@ -361,13 +358,18 @@ fn write_graph(
     Ok(written)
 }
 
+fn out_exists(out: &Path) -> PipelineError {
+    PipelineError::Plan(format!(
+        "--out {} already exists; pass --force to replace it",
+        out.display()
+    ))
+}
+
 fn move_into_place(tmp: &Path, out: &Path, force: bool) -> Result<(), PipelineError> {
     if out.exists() {
+        // Checked again here: the directory may have appeared while the export ran.
         if !force {
-            return Err(PipelineError::Plan(format!(
-                "--out {} already exists; pass --force to replace it",
-                out.display()
-            )));
+            return Err(out_exists(out));
         }
         let old = out.with_file_name(format!(
             ".{}.old-{}",

@@ -213,6 +213,9 @@ pub struct Engine {
     embed: Session,
     decoder: Session,
     act: ActDType,
+    /// `past_key_values.{i}.*` and `present.{i}.*` in layer order, made once at load.
+    past_names: Vec<String>,
+    present_names: Vec<String>,
     /// Time spent creating sessions.
     pub load_ms: f64,
 }
@@ -262,6 +265,8 @@ impl Engine {
             embed,
             decoder,
             act,
+            past_names: names::decoder_inputs(manifest.text.num_layers).split_off(3),
+            present_names: names::decoder_outputs(manifest.text.num_layers).split_off(1),
             load_ms: 0.0,
             manifest,
         };
@@ -449,14 +454,13 @@ impl Engine {
             .map_err(|e| run_err("position_ids", e))?;
 
         let layers = self.manifest.text.num_layers;
-        let mut feeds: Vec<(String, ort::session::SessionInputValue<'_>)> =
+        let mut feeds: Vec<(&str, ort::session::SessionInputValue<'_>)> =
             Vec::with_capacity(3 + 2 * layers);
-        feeds.push((names::INPUTS_EMBEDS.into(), embeds.into()));
-        feeds.push((names::ATTENTION_MASK.into(), mask.into_dyn().into()));
-        feeds.push((names::POSITION_IDS.into(), positions.into_dyn().into()));
-        for i in 0..layers {
-            feeds.push((names::past_key(i), (&cache.values[2 * i]).into()));
-            feeds.push((names::past_value(i), (&cache.values[2 * i + 1]).into()));
+        feeds.push((names::INPUTS_EMBEDS, embeds.into()));
+        feeds.push((names::ATTENTION_MASK, mask.into_dyn().into()));
+        feeds.push((names::POSITION_IDS, positions.into_dyn().into()));
+        for (name, value) in self.past_names.iter().zip(&cache.values) {
+            feeds.push((name.as_str(), value.into()));
         }
         let mut outputs = self
             .decoder
@@ -474,14 +478,12 @@ impl Engine {
         }
         let last = data[data.len() - vocab..].to_vec();
         let mut next = Vec::with_capacity(2 * layers);
-        for i in 0..layers {
-            for name in [names::present_key(i), names::present_value(i)] {
-                next.push(
-                    outputs
-                        .remove(&name)
-                        .ok_or_else(|| run_err("decoder.onnx", format!("no {name}")))?,
-                );
-            }
+        for name in &self.present_names {
+            next.push(
+                outputs
+                    .remove(name)
+                    .ok_or_else(|| run_err("decoder.onnx", format!("no {name}")))?,
+            );
         }
         drop(outputs);
         cache.values = next;

@@ -24,7 +24,6 @@ pub fn resolve(device: &Device) -> Result<Device, DeviceError> {
         Device::Cuda(_) | Device::TensorRt(_) => Ok(device.clone()),
         Device::Auto => {
             let chosen = auto_choice();
-            tracing::info!("device auto: using {chosen}");
             eprintln!("device auto: using {chosen}");
             Ok(chosen)
         }
@@ -50,6 +49,7 @@ fn auto_choice() -> Device {
 }
 
 /// Create a session for `path` on `device`.
+#[cfg_attr(not(feature = "tensorrt"), allow(unused_variables))]
 pub fn session(
     path: &Path,
     device: &Device,
@@ -74,7 +74,6 @@ pub fn session(
             )));
         }
     };
-    let _ = manifest;
     let mut builder = builder;
     builder
         .commit_from_file(path)
