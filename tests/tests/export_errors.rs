@@ -56,9 +56,7 @@ fn fp32() -> WeightFormat {
 fn existing_out_is_refused_without_force_and_left_untouched() {
     let tmp = tempdir();
     let out = tmp.path().join("out");
-    std::fs::create_dir(&out).unwrap_or_else(|e| panic!("{e}"));
-    std::fs::write(out.join("keep.txt"), b"precious").unwrap_or_else(|e| panic!("{e}"));
-    std::fs::write(out.join("decoder.onnx"), b"not a graph").unwrap_or_else(|e| panic!("{e}"));
+    existing_out(&out, b"precious", true);
     let before = snapshot_tree(&out);
 
     let err = export_to(Layout::TextOnly, fp32(), &out)
@@ -81,9 +79,7 @@ fn existing_out_is_refused_without_force_and_left_untouched() {
 fn force_replaces_an_existing_out() {
     let tmp = tempdir();
     let out = tmp.path().join("out");
-    std::fs::create_dir(&out).unwrap_or_else(|e| panic!("{e}"));
-    std::fs::write(out.join("keep.txt"), b"stale").unwrap_or_else(|e| panic!("{e}"));
-    std::fs::write(out.join("decoder.onnx"), b"not a graph").unwrap_or_else(|e| panic!("{e}"));
+    existing_out(&out, b"stale", true);
 
     let mut plan = Layout::TextOnly.plan(&out, fp32());
     plan.force = true;
@@ -236,8 +232,7 @@ fn failed_forced_export_keeps_the_existing_out() {
     let tmp = tempdir();
     let models = tempdir();
     let out = tmp.path().join("out");
-    std::fs::create_dir(&out).unwrap_or_else(|e| panic!("{e}"));
-    std::fs::write(out.join("keep.txt"), b"precious").unwrap_or_else(|e| panic!("{e}"));
+    existing_out(&out, b"precious", false);
     let before = snapshot_tree(&out);
     for (what, model, _) in broken_models(models.path()) {
         let mut plan = Layout::TextOnly.plan(&out, fp32());
@@ -392,8 +387,7 @@ fn cli_errors_exit_nonzero_with_one_line() {
         );
     }
 
-    std::fs::create_dir(&out).unwrap_or_else(|e| panic!("{e}"));
-    std::fs::write(out.join("keep.txt"), b"precious").unwrap_or_else(|e| panic!("{e}"));
+    existing_out(&out, b"precious", false);
     let Some(o) = cli(&[
         os("--model"),
         llama.as_os_str(),
@@ -414,8 +408,7 @@ fn cli_exports_and_replaces_with_force() {
     let tmp = tempdir();
     let llama = fixture_model("llama-base-tiny");
     let out = tmp.path().join("out");
-    std::fs::create_dir(&out).unwrap_or_else(|e| panic!("{e}"));
-    std::fs::write(out.join("keep.txt"), b"old").unwrap_or_else(|e| panic!("{e}"));
+    existing_out(&out, b"old", false);
     let Some(o) = cli(&[
         os("--model"),
         llama.as_os_str(),
@@ -454,4 +447,14 @@ fn cli_exports_and_replaces_with_force() {
     );
     assert!(manifest.vision.is_none());
     assert_eq!(listing(tmp.path()), ["out"]);
+}
+
+/// Make `out` an existing directory holding `keep.txt` (with `content`) and, with `graph`, a
+/// bogus `decoder.onnx`: what an earlier export or the user left there.
+fn existing_out(out: &Path, content: &[u8], graph: bool) {
+    std::fs::create_dir(out).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(out.join("keep.txt"), content).unwrap_or_else(|e| panic!("{e}"));
+    if graph {
+        std::fs::write(out.join("decoder.onnx"), b"not a graph").unwrap_or_else(|e| panic!("{e}"));
+    }
 }
