@@ -685,13 +685,7 @@ fn streamed_generation_adds_up_to_the_full_decode() {
         ..defaults()
     };
     let request = request(vec![text(&[0])], 0, options);
-    let mut deltas = Vec::new();
-    let output = generate(&mut model, &decoder, &request, |event| {
-        if let Event::Token { text_delta, .. } = event {
-            deltas.push(text_delta);
-        }
-    })
-    .expect("generates");
+    let (output, deltas) = generate_with_deltas(&mut model, &decoder, &request);
     assert_eq!(output.token_ids, script);
     let full = decoder.decode(&output.token_ids).expect("decodes");
     assert_eq!(deltas.concat(), full);
@@ -709,13 +703,7 @@ fn a_character_cut_by_the_length_limit_is_flushed_as_decoded() {
         ..defaults()
     };
     let request = request(vec![text(&[0])], 0, options);
-    let mut deltas = Vec::new();
-    let output = generate(&mut model, &decoder, &request, |event| {
-        if let Event::Token { text_delta, .. } = event {
-            deltas.push(text_delta);
-        }
-    })
-    .expect("generates");
+    let (output, deltas) = generate_with_deltas(&mut model, &decoder, &request);
     assert_eq!(output.finish_reason, FinishReason::Length);
     assert_eq!(
         deltas.concat(),
@@ -733,4 +721,20 @@ fn peaked_logits_win_sampling_too() {
         ..SamplingOptions::greedy()
     };
     assert!(sample_many(options, &logits, 50).iter().all(|&id| id == 17));
+}
+
+/// Run `request` and collect every token's text delta.
+fn generate_with_deltas<D: Decode>(
+    model: &mut FakeModel,
+    decoder: &D,
+    request: &Request<()>,
+) -> (Output, Vec<String>) {
+    let mut deltas = Vec::new();
+    let output = generate(model, decoder, request, |event| {
+        if let Event::Token { text_delta, .. } = event {
+            deltas.push(text_delta);
+        }
+    })
+    .expect("generates");
+    (output, deltas)
 }
