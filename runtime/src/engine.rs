@@ -342,10 +342,14 @@ impl Engine {
                     format!("expected 3x{s}x{s} values, got {}", pixels.len()),
                 ));
             }
-            let input = Tensor::from_array((vec![1usize, 3, s, s], pixels.clone()))
-                .map_err(|e| run_err("pixel_values", e))?;
+            let input =
+                ort::value::TensorRef::from_array_view((vec![1usize, 3, s, s], pixels.as_slice()))
+                    .map_err(|e| run_err("pixel_values", e))?;
             let outputs = session
-                .run(vec![(names::PIXEL_VALUES, input.into_dyn())])
+                .run(vec![(
+                    names::PIXEL_VALUES,
+                    ort::session::SessionInputValue::from(input),
+                )])
                 .map_err(|e| run_err("vision.onnx", e))?;
             let value = outputs
                 .get(names::IMAGE_FEATURES)
