@@ -261,3 +261,23 @@ fn chat_answers_two_turns_and_exits_on_an_empty_line() {
         "two answers: {stdout:?}"
     );
 }
+
+#[test]
+fn demo_reproduces_the_reference_tokens() {
+    let out = carrot()
+        .arg("demo")
+        .current_dir(root())
+        .output()
+        .expect("run carrot demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        stdout,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.starts_with("exact: the 16 generated tokens equal the transformers reference"),
+        "{stdout}"
+    );
+}
