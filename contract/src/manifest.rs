@@ -53,6 +53,21 @@ pub struct Manifest {
     /// Present when `kv_cache` is `shared`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_sequence: Option<usize>,
+    /// Present when `dtype` is `int4` or `int8`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<Quantization>,
+}
+
+/// How a weight-only quantized export stores its matrices: codes of `bits` bits in blocks of
+/// `block_size` consecutive input features, each block with a float32 scale and an unsigned zero
+/// point (`w = (q − z) · s`, ONNX `DequantizeLinear`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Quantization {
+    /// 4 or 8.
+    pub bits: u32,
+    pub block_size: usize,
+    /// What is quantized: `decoder_linears`, `lm_head`, `embed_tokens`.
+    pub weights: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -30,6 +30,10 @@ struct Cli {
     /// Weight format.
     #[arg(long, default_value = "fp16", value_parser = ["fp32", "fp16", "bf16", "int4", "int8"])]
     dtype: String,
+    /// Quantization block: consecutive input features sharing one scale and zero point
+    /// (int4/int8 only; a power of two from 16 to 256).
+    #[arg(long, value_name = "N")]
+    block_size: Option<usize>,
     /// Graph flavor.
     #[arg(long, default_value = "portable", value_parser = ["portable", "ort"])]
     flavor: String,
@@ -62,8 +66,17 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let format =
+    let mut format =
         WeightFormat::parse(&cli.dtype).with_context(|| format!("--dtype {}", cli.dtype))?;
+    if let Some(bs) = cli.block_size {
+        if format.quant().is_none() {
+            anyhow::bail!(
+                "--block-size applies to --dtype int4 and int8, not {}",
+                cli.dtype
+            );
+        }
+        format = format.with_block_size(bs);
+    }
     let plan = ExportPlan {
         model: cli.model,
         out: cli.out,

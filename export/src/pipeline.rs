@@ -12,6 +12,7 @@ use carrot_graphs::builder::GraphBuilder;
 use carrot_graphs::config::DType;
 use carrot_graphs::llama::{self, Logits};
 use carrot_graphs::nn::{Ctx, GraphError};
+use carrot_graphs::quant::{Bits, QuantSpec};
 use carrot_graphs::vision;
 use carrot_graphs::weights::{Tensor, WeightError, WeightSource};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -25,21 +26,32 @@ use crate::source::{self, ExportError, ModelWeights, ResolvedModel};
 pub const OPSET: i64 = 21;
 
 /// Weight format of the exported graphs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum WeightFormat {
     Float(DType),
-    Int4,
-    Int8,
+    /// Weight-only quantization of the decoder's matrices, the lm_head and the embedding table;
+    /// activations, norms and the vision tower in float32.
+    Quantized(QuantSpec),
 }
 
+/// Default `--block-size`.
+pub const DEFAULT_BLOCK_SIZE: usize = 32;
+
 impl WeightFormat {
+    /// `fp32`, `fp16`, `bf16`, `int4` or `int8` (quantized with [`DEFAULT_BLOCK_SIZE`]).
     pub fn parse(s: &str) -> Option<Self> {
+        let quantized = |bits| {
+            WeightFormat::Quantized(QuantSpec {
+                bits,
+                block_size: DEFAULT_BLOCK_SIZE,
+            })
+        };
         Some(match s {
             "fp32" => WeightFormat::Float(DType::F32),
             "fp16" => WeightFormat::Float(DType::F16),
             "bf16" => WeightFormat::Float(DType::BF16),
-            "int4" => WeightFormat::Int4,
-            "int8" => WeightFormat::Int8,
+            "int4" => quantized(Bits::Int4),
+            "int8" => quantized(Bits::Int8),
             _ => return None,
         })
     }
@@ -49,8 +61,37 @@ impl WeightFormat {
             WeightFormat::Float(DType::F32) => "fp32",
             WeightFormat::Float(DType::F16) => "fp16",
             WeightFormat::Float(DType::BF16) => "bf16",
-            WeightFormat::Int4 => "int4",
-            WeightFormat::Int8 => "int8",
+            WeightFormat::Quantized(QuantSpec {
+                bits: Bits::Int4, ..
+            }) => "int4",
+            WeightFormat::Quantized(QuantSpec {
+                bits: Bits::Int8, ..
+            }) => "int8",
+        }
+    }
+
+    /// The same format with another quantization block size (float formats are unchanged).
+    pub fn with_block_size(self, block_size: usize) -> Self {
+        match self {
+            WeightFormat::Quantized(spec) => {
+                WeightFormat::Quantized(QuantSpec { block_size, ..spec })
+            }
+            float => float,
+        }
+    }
+
+    /// Element type of activations (and of unquantized weights).
+    pub fn activation_dtype(self) -> DType {
+        match self {
+            WeightFormat::Float(d) => d,
+            WeightFormat::Quantized(_) => DType::F32,
+        }
+    }
+
+    pub fn quant(self) -> Option<QuantSpec> {
+        match self {
+            WeightFormat::Float(_) => None,
+            WeightFormat::Quantized(spec) => Some(spec),
         }
     }
 }
@@ -145,12 +186,11 @@ impl Drop for TempDir {
 
 /// Check the plan against the file system before anything is read or written.
 pub fn check_plan(plan: &ExportPlan) -> Result<(), PipelineError> {
-    match plan.format {
-        WeightFormat::Float(_) => {}
-        other => {
+    if let Some(spec) = plan.format.quant() {
+        let bs = spec.block_size;
+        if !(bs.is_power_of_two() && (16..=256).contains(&bs)) {
             return Err(PipelineError::Plan(format!(
-                "--dtype {} is not supported yet by this exporter; use fp32, fp16 or bf16",
-                other.name()
+                "--block-size {bs}: must be a power of two from 16 to 256"
             )));
         }
     }
@@ -193,11 +233,8 @@ impl WeightSource for Progress<'_> {
 pub fn export(plan: &ExportPlan) -> Result<ExportSummary, PipelineError> {
     check_plan(plan)?;
     let start = Instant::now();
-    let WeightFormat::Float(dtype) = plan.format else {
-        return Err(PipelineError::Plan(
-            "quantized export is not supported yet".into(),
-        ));
-    };
+    let dtype = plan.format.activation_dtype();
+    let quant = plan.format.quant();
     let mut model = source::open(
         &plan.model,
         plan.base.as_deref(),
@@ -250,6 +287,7 @@ pub fn export(plan: &ExportPlan) -> Result<ExportSummary, PipelineError> {
                 &tmp.path,
                 names::VISION_GRAPH,
                 dtype,
+                None,
                 &mut weights,
                 |ctx| vision::build_vision(ctx, &mm.vision, &mm.projector),
             )?);
@@ -259,6 +297,7 @@ pub fn export(plan: &ExportPlan) -> Result<ExportSummary, PipelineError> {
             &tmp.path,
             names::EMBED_GRAPH,
             dtype,
+            quant,
             &mut weights,
             |ctx| llama::build_embed(ctx, &text),
         )?);
@@ -268,6 +307,7 @@ pub fn export(plan: &ExportPlan) -> Result<ExportSummary, PipelineError> {
             &tmp.path,
             names::DECODER_GRAPH,
             dtype,
+            quant,
             &mut weights,
             |ctx| llama::build_decoder(ctx, &text, &inv_freq, plan.logits),
         )?);
@@ -320,6 +360,7 @@ fn write_graph(
     dir: &Path,
     file: &str,
     dtype: DType,
+    quant: Option<QuantSpec>,
     weights: &mut dyn WeightSource,
     build: impl FnOnce(&mut Ctx<'_>) -> Result<(), GraphError>,
 ) -> Result<Vec<(String, u64)>, PipelineError> {
@@ -338,6 +379,7 @@ fn write_graph(
             b: &mut builder,
             weights,
             dtype,
+            quant,
         };
         build(&mut ctx).map_err(graph_err)?;
     }
@@ -487,5 +529,12 @@ fn build_manifest(plan: &ExportPlan, model: &ResolvedModel, dtype: DType) -> Man
             max_new_tokens: gen_cfg.max_new_tokens.unwrap_or(512),
         },
         max_sequence: None,
+        quantization: plan.format.quant().map(|spec| manifest::Quantization {
+            bits: spec.bits.width() as u32,
+            block_size: spec.block_size,
+            weights: ["decoder_linears", "lm_head", "embed_tokens"]
+                .map(String::from)
+                .to_vec(),
+        }),
     }
 }

@@ -34,6 +34,10 @@ pub enum ElemType {
     I64,
     I32,
     Bool,
+    /// Unsigned 8-bit integer (quantized weights and zero points).
+    U8,
+    /// Unsigned 4-bit integer, two per byte, first element in the low nibble.
+    U4,
 }
 
 impl ElemType {
@@ -46,18 +50,27 @@ impl ElemType {
             ElemType::I64 => DataType::Int64,
             ElemType::I32 => DataType::Int32,
             ElemType::Bool => DataType::Bool,
+            ElemType::U8 => DataType::Uint8,
+            ElemType::U4 => DataType::Uint4,
         };
         t as i32
     }
 
-    /// Size of one element in bytes.
-    pub fn size(self) -> usize {
+    /// Size of one element in bits.
+    pub fn bits(self) -> usize {
         match self {
-            ElemType::F32 | ElemType::I32 => 4,
-            ElemType::F16 | ElemType::BF16 => 2,
-            ElemType::I64 => 8,
-            ElemType::Bool => 1,
+            ElemType::F32 | ElemType::I32 => 32,
+            ElemType::F16 | ElemType::BF16 => 16,
+            ElemType::I64 => 64,
+            ElemType::Bool | ElemType::U8 => 8,
+            ElemType::U4 => 4,
         }
+    }
+
+    /// Bytes taken by `numel` packed elements (4-bit types round up to a whole byte), or `None`
+    /// on overflow.
+    pub fn bytes_for(self, numel: usize) -> Option<usize> {
+        Some(numel.checked_mul(self.bits())?.div_ceil(8))
     }
 }
 
@@ -329,7 +342,8 @@ impl GraphBuilder {
         };
         let expected = dims
             .iter()
-            .try_fold(ty.size(), |acc, &d| acc.checked_mul(d))
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .and_then(|numel| ty.bytes_for(numel))
             .ok_or_else(|| bad(format!("shape {dims:?} overflows")))?;
         if expected != raw_le_bytes.len() {
             return Err(bad(format!(
@@ -411,6 +425,14 @@ impl GraphBuilder {
                 (value as i32).to_le_bytes().to_vec()
             }
             ElemType::Bool => vec![u8::from(value != 0.0)],
+            ElemType::U8 => {
+                integral(0.0, 255.0)?;
+                vec![value as u8]
+            }
+            ElemType::U4 => {
+                integral(0.0, 15.0)?;
+                vec![value as u8]
+            }
         };
         self.initializer(&full, ty, &[], &bytes)
     }

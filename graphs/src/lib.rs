@@ -11,6 +11,7 @@ pub mod llama;
 pub mod nn;
 pub mod onnx;
 pub mod projector;
+pub mod quant;
 pub mod siglip;
 pub mod vision;
 pub mod weights;

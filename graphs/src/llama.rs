@@ -10,6 +10,7 @@ use carrot_contract::names;
 use crate::builder::{Dim, ElemType, Value};
 use crate::config::TextConfig;
 use crate::nn::{self, Ctx, GraphError, Result};
+use crate::quant::{Bits, BlockQuantized, QuantSpec};
 
 /// Which positions get logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,18 +65,33 @@ pub fn build_embed(ctx: &mut Ctx<'_>, cfg: &TextConfig) -> Result<()> {
         ElemType::I64,
         &[Dim::from(names::DIM_BATCH), Dim::from(names::DIM_SEQUENCE)],
     )?;
-    let table = ctx.param(
-        "model.embed_tokens.weight",
-        &[cfg.vocab_size, cfg.hidden_size],
-    )?;
-    ctx.b.push_scope("/model/embed_tokens");
-    let out = ctx
-        .b
-        .op("Gather", "Gather", &[&table, &ids])
-        .attr_int("axis", 0)
-        .output_names(&[names::INPUTS_EMBEDS])
-        .build();
-    ctx.b.pop_scope();
+    let out = match ctx.quant {
+        None => {
+            let table = ctx.param(
+                "model.embed_tokens.weight",
+                &[cfg.vocab_size, cfg.hidden_size],
+            )?;
+            ctx.b.push_scope("/model/embed_tokens");
+            let out = ctx
+                .b
+                .op("Gather", "Gather", &[&table, &ids])
+                .attr_int("axis", 0)
+                .output_names(&[names::INPUTS_EMBEDS])
+                .build();
+            ctx.b.pop_scope();
+            out.map_err(GraphError::from)
+        }
+        Some(spec) => {
+            let t = ctx.fetch(
+                "model.embed_tokens.weight",
+                &[cfg.vocab_size, cfg.hidden_size],
+            )?;
+            ctx.b.push_scope("/model/embed_tokens");
+            let out = quantized_embedding(ctx, &t, &ids, cfg, spec);
+            ctx.b.pop_scope();
+            out
+        }
+    };
     let elem = ctx.elem();
     ctx.b.output(
         &out?,
@@ -87,6 +103,99 @@ pub fn build_embed(ctx: &mut Ctx<'_>, cfg: &TextConfig) -> Result<()> {
         ],
     )?;
     Ok(())
+}
+
+/// The embedding table quantized by rows (blocks along `hidden`), gathered, then dequantized.
+///
+/// `Gather` takes no 4-bit tensors, so int4 codes are stored two per byte (`[vocab, hidden / 2]`
+/// uint8, the first of each pair in the low nibble) and unpacked after the gather:
+/// ```text
+///   input_ids ─Gather(codes)─┬─BitwiseAnd(15)────────────Unsqueeze(-1)─┐
+///                            └─BitShift(4, RIGHT)────────Unsqueeze(-1)─Concat(-1)─Reshape[b,s,hidden]─┐
+///   input_ids ─Gather(scales [vocab, blocks])──────────────────────────────────────────────────────────┤
+///   input_ids ─Gather(zero_points [vocab, blocks] uint8)───────DequantizeLinear(axis 2, block_size)─▶ inputs_embeds
+/// ```
+fn quantized_embedding(
+    ctx: &mut Ctx<'_>,
+    table: &crate::weights::Tensor,
+    ids: &Value,
+    cfg: &TextConfig,
+    spec: QuantSpec,
+) -> Result<Value> {
+    let (vocab, hidden) = (cfg.vocab_size, cfg.hidden_size);
+    if ctx.dtype != crate::config::DType::F32 {
+        return Err(GraphError::Config(
+            "a quantized embedding produces float32 activations".into(),
+        ));
+    }
+    let q = BlockQuantized::quantize(&table.data, vocab, hidden, spec);
+    let blocks = q.blocks();
+    let packed = q.row_major();
+    let key = "model.embed_tokens.weight";
+    let codes = match spec.bits {
+        Bits::Int8 => ctx.b.initializer(
+            &format!("{key}.codes"),
+            ElemType::U8,
+            &[vocab, hidden],
+            &packed.codes,
+        )?,
+        Bits::Int4 => {
+            if !hidden.is_multiple_of(2) {
+                return Err(GraphError::Config(format!(
+                    "int4 embedding needs an even hidden_size, found {hidden}"
+                )));
+            }
+            ctx.b.initializer(
+                &format!("{key}.codes"),
+                ElemType::U8,
+                &[vocab, hidden / 2],
+                &packed.codes,
+            )?
+        }
+    };
+    let scales = ctx.b.initializer(
+        &format!("{key}.scales"),
+        ElemType::F32,
+        &[vocab, blocks],
+        bytemuck::cast_slice(&packed.scales),
+    )?;
+    let zero_points = ctx.b.initializer(
+        &format!("{key}.zero_points"),
+        ElemType::U8,
+        &[vocab, blocks],
+        &q.zero_points,
+    )?;
+    drop(q);
+    let g = ctx.b.gather("Gather", &codes, ids, 0)?;
+    let g = match spec.bits {
+        Bits::Int8 => g,
+        Bits::Int4 => {
+            let mask = ctx.b.const_scalar("low_nibble", ElemType::U8, 15.0)?;
+            let four = ctx.b.const_scalar("four", ElemType::U8, 4.0)?;
+            let lo = ctx.b.op("BitwiseAnd", "BitwiseAnd", &[&g, &mask]).build()?;
+            let hi = ctx
+                .b
+                .op("BitShift", "BitShift", &[&g, &four])
+                .attr_string("direction", "RIGHT")
+                .build()?;
+            let last = ctx.b.const_i64("axis_last", &[-1])?;
+            let lo = ctx.b.unsqueeze("Unsqueeze", &lo, &last)?;
+            let hi = ctx.b.unsqueeze("Unsqueeze_1", &hi, &last)?;
+            let pairs = ctx.b.concat("Concat", &[&lo, &hi], -1)?;
+            let shape = ctx.b.const_i64("shape", &[0, 0, hidden as i64])?;
+            ctx.b.reshape("Reshape", &pairs, &shape)?
+        }
+    };
+    let s = ctx.b.gather("Gather_1", &scales, ids, 0)?;
+    let z = ctx.b.gather("Gather_2", &zero_points, ids, 0)?;
+    let out = ctx
+        .b
+        .op("DequantizeLinear", "DequantizeLinear", &[&g, &s, &z])
+        .attr_int("axis", 2)
+        .attr_int("block_size", spec.block_size as i64)
+        .output_names(&[names::INPUTS_EMBEDS])
+        .build()?;
+    Ok(out)
 }
 
 /// decoder.onnx. `inv_freq` holds the (possibly llama3-scaled) rotary inverse frequencies,
@@ -170,12 +279,11 @@ pub fn build_decoder(
     };
     let (vocab, hidden) = (cfg.vocab_size, cfg.hidden_size);
     // `lm_head.weight` (the source hands out `model.embed_tokens.weight` for tied models).
-    let w = ctx.fetch("lm_head.weight", &[vocab, hidden])?.transposed();
-    let dtype = ctx.dtype;
-    let w = ctx.store("lm_head.weight.T", &w, dtype)?;
+    let w = ctx.fetch("lm_head.weight", &[vocab, hidden])?;
+    let y = nn::matmul_weight(ctx, "/lm_head", "lm_head.weight", &w, &x)?;
+    drop(w);
     ctx.b.push_scope("/lm_head");
     let out = (|| -> Result<Value> {
-        let y = ctx.b.matmul("MatMul", &x, &w)?;
         if ctx.dtype == crate::config::DType::F32 {
             Ok(ctx
                 .b

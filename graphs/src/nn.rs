@@ -5,6 +5,7 @@
 
 use crate::builder::{BuildError, ElemType, GraphBuilder, Value};
 use crate::config::DType;
+use crate::quant::{BlockQuantized, QuantSpec};
 use crate::weights::{Tensor, WeightError, WeightSource};
 
 /// Anything that can stop a graph from being built.
@@ -26,11 +27,15 @@ pub enum GraphError {
 
 pub type Result<T> = std::result::Result<T, GraphError>;
 
-/// What every model graph is built with: the builder, the weights and the weight dtype.
+/// What every model graph is built with: the builder, the weights, the weight dtype and, for a
+/// weight-only quantized graph, how its matrices are quantized.
 pub struct Ctx<'a> {
     pub b: &'a mut GraphBuilder,
     pub weights: &'a mut dyn WeightSource,
     pub dtype: DType,
+    /// `Some` quantizes the weights of [`linear`] and [`matmul_weight`] (and the embedding
+    /// table); activations stay in `dtype`.
+    pub quant: Option<QuantSpec>,
 }
 
 impl Ctx<'_> {
@@ -99,11 +104,8 @@ impl Ctx<'_> {
 
 /// `nn.Linear(in_features, out_features)` with weights under `key` (`key.weight`, `key.bias`).
 ///
-/// The checkpoint stores the weight `[out, in]`; the graph keeps it transposed as
-/// `key.weight.T` `[in, out]` for `MatMul`.
-///
 /// ```text
-///   x ──MatMul(key.weight.T)──[Add(key.bias)]──▶ y
+///   x ──MatMul(key.weight)──[Add(key.bias)]──▶ y
 /// ```
 pub fn linear(
     ctx: &mut Ctx<'_>,
@@ -114,23 +116,101 @@ pub fn linear(
     out_f: usize,
     bias: bool,
 ) -> Result<Value> {
-    let w = ctx
-        .fetch(&format!("{key}.weight"), &[out_f, in_f])?
-        .transposed();
-    let dtype = ctx.dtype;
-    let w = ctx.store(&format!("{key}.weight.T"), &w, dtype)?;
+    let w = ctx.fetch(&format!("{key}.weight"), &[out_f, in_f])?;
+    let y = matmul_weight(ctx, scope, &format!("{key}.weight"), &w, x)?;
+    if !bias {
+        return Ok(y);
+    }
+    let bv = ctx.param(&format!("{key}.bias"), &[out_f])?;
     ctx.b.push_scope(scope);
-    let result = (|| {
-        let y = ctx.b.matmul("MatMul", x, &w)?;
-        if bias {
-            let bv = ctx.param(&format!("{key}.bias"), &[out_f])?;
-            Ok(ctx.b.add("Add", &y, &bv)?)
-        } else {
-            Ok(y)
-        }
-    })();
+    let r = ctx.b.add("Add", &y, &bv);
     ctx.b.pop_scope();
-    result
+    Ok(r?)
+}
+
+/// `x @ wᵀ` for a checkpoint matrix `w [out, in]` named `name`, under `scope`.
+///
+/// Float graphs keep the weight transposed as `name.T` `[in, out]` for `MatMul`. Quantized graphs
+/// store it blocked along `in` as `name.T.codes` (`[in, out]`, uint4/uint8), `name.T.scales` and
+/// `name.T.zero_points` (`[in / block, out]`), dequantized in front of the `MatMul` — the
+/// pattern ONNX Runtime fuses into one `MatMulNBits` kernel and TensorRT runs as weight-only
+/// quantization:
+/// ```text
+///   name.T.codes ───────┐
+///   name.T.scales ──────DequantizeLinear(axis 0, block_size)──┐
+///   name.T.zero_points ─┘                                     │
+///   x ────────────────────────────────────────────────────────MatMul──▶ y
+/// ```
+pub fn matmul_weight(
+    ctx: &mut Ctx<'_>,
+    scope: &str,
+    name: &str,
+    w: &Tensor,
+    x: &Value,
+) -> Result<Value> {
+    let (out_f, in_f) = match w.shape.as_slice() {
+        [o, i] => (*o, *i),
+        _ => {
+            return Err(GraphError::Shape {
+                name: name.into(),
+                expected: vec![0, 0],
+                actual: w.shape.clone(),
+            });
+        }
+    };
+    let weight = match ctx.quant {
+        None => {
+            let dtype = ctx.dtype;
+            ctx.store(&format!("{name}.T"), &w.transposed(), dtype)?
+        }
+        Some(spec) => {
+            let q = BlockQuantized::quantize(&w.data, out_f, in_f, spec);
+            let t = q.transposed();
+            let elem = spec.bits.elem();
+            let blocks = q.blocks();
+            let codes =
+                ctx.b
+                    .initializer(&format!("{name}.T.codes"), elem, &[in_f, out_f], &t.codes)?;
+            let scales = ctx.b.initializer(
+                &format!("{name}.T.scales"),
+                ElemType::F32,
+                &[blocks, out_f],
+                bytemuck::cast_slice(&t.scales),
+            )?;
+            let zero_points = ctx.b.initializer(
+                &format!("{name}.T.zero_points"),
+                elem,
+                &[blocks, out_f],
+                &t.zero_points,
+            )?;
+            ctx.b.push_scope(scope);
+            let r = ctx
+                .b
+                .op(
+                    "DequantizeLinear",
+                    "DequantizeLinear",
+                    &[&codes, &scales, &zero_points],
+                )
+                .attr_int("axis", 0)
+                .attr_int("block_size", spec.block_size as i64)
+                .build();
+            ctx.b.pop_scope();
+            let w = r?;
+            if ctx.dtype == DType::F32 {
+                w
+            } else {
+                let elem = ctx.elem();
+                ctx.b.push_scope(scope);
+                let r = ctx.b.cast("Cast", &w, elem);
+                ctx.b.pop_scope();
+                r?
+            }
+        }
+    };
+    ctx.b.push_scope(scope);
+    let y = ctx.b.matmul("MatMul", x, &weight);
+    ctx.b.pop_scope();
+    Ok(y?)
 }
 
 /// `LlamaRMSNorm`: computed in float32, cast back, then multiplied by the weight.

@@ -381,7 +381,8 @@ impl Engine {
         Ok(HostRows::from_value(value, "inputs_embeds")?.1)
     }
 
-    fn empty_cache(&self) -> Result<KvCache, EngineError> {
+    /// A cache holding no positions.
+    pub fn empty_cache(&self) -> Result<KvCache, EngineError> {
         let t = &self.manifest.text;
         let mut values = Vec::with_capacity(2 * t.num_layers);
         for _ in 0..2 * t.num_layers {
@@ -396,6 +397,20 @@ impl Engine {
         cache: &mut KvCache,
         input: &StepInput<'_, ImageFeatures>,
     ) -> Result<Vec<f32>, EngineError> {
+        self.run_decoder(cache, input, |logits, vocab| {
+            logits[logits.len() - vocab..].to_vec()
+        })
+    }
+
+    /// Runs the decoder on the new positions of `input` (extending `cache`) and hands the logits
+    /// it returned — `[rows, vocab]`, every new position when the manifest says `logits: "all"`,
+    /// else only the last — to `read`, without copying them.
+    pub fn run_decoder<T>(
+        &mut self,
+        cache: &mut KvCache,
+        input: &StepInput<'_, ImageFeatures>,
+        read: impl FnOnce(&[f32], usize) -> T,
+    ) -> Result<T, EngineError> {
         let hidden = self.manifest.text.hidden_size;
         let seq = input.seq_len();
         let text_ids: Vec<u32> = input
@@ -477,10 +492,10 @@ impl Engine {
             .try_extract_tensor::<f32>()
             .map_err(|e| run_err("logits", e))?;
         let vocab = shape.last().copied().unwrap_or(0) as usize;
-        if vocab == 0 || data.len() < vocab {
+        if vocab == 0 || data.len() < vocab || !data.len().is_multiple_of(vocab) {
             return Err(run_err("logits", format!("unexpected shape {shape:?}")));
         }
-        let last = data[data.len() - vocab..].to_vec();
+        let result = read(data, vocab);
         let mut next = Vec::with_capacity(2 * layers);
         for name in &self.present_names {
             next.push(
@@ -492,7 +507,7 @@ impl Engine {
         drop(outputs);
         cache.values = next;
         cache.len = input.past_len + seq;
-        Ok(last)
+        Ok(result)
     }
 }
 

@@ -5,6 +5,7 @@ pub mod device;
 pub mod engine;
 pub mod generate;
 pub mod ort_lib;
+pub mod perplexity;
 pub mod pipeline;
 pub mod preprocess;
 pub mod prompt;

@@ -29,6 +29,8 @@ enum Command {
     Generate(GenerateArgs),
     /// Talk with the model; the image (if any) belongs to the first turn.
     Chat(ChatArgs),
+    /// Perplexity of the model on a text file (tokenized as it is: no BOS, no template).
+    Perplexity(PerplexityArgs),
     /// Export the shipped fixture model, answer a question about a photo, check against the reference.
     Demo(RuntimeArgs),
     /// Serve the OpenAI chat-completions API (POST /v1/chat/completions, GET /health).
@@ -123,6 +125,24 @@ struct GenerateArgs {
 }
 
 #[derive(Args, Debug)]
+struct PerplexityArgs {
+    /// Exported directory (carrot.json).
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// UTF-8 text file, scored as it is.
+    #[arg(long, value_name = "FILE")]
+    text: PathBuf,
+    /// Positions per window (default: the manifest's prompt.max_length).
+    #[arg(long, value_name = "N")]
+    context: Option<usize>,
+    /// Print {"perplexity", "tokens", "mean_nll", "windows", "context"} on stdout.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+}
+
+#[derive(Args, Debug)]
 struct ChatArgs {
     #[arg(long, value_name = "DIR")]
     model: PathBuf,
@@ -139,6 +159,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate(args),
         Command::Chat(args) => chat(args),
+        Command::Perplexity(args) => perplexity(args),
         Command::Demo(args) => carrot_runtime::demo::run(&args.load_options()).map(|_| ()),
         Command::Serve { serve, runtime } => {
             carrot_runtime::serve::run(&serve, &runtime.load_options())
@@ -203,6 +224,55 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
             out.finish_reason,
             t.prefill_ms,
             t.decode_ms
+        );
+    }
+    Ok(())
+}
+
+fn perplexity(args: PerplexityArgs) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&args.text)
+        .with_context(|| format!("--text {}", args.text.display()))?;
+    let mut pipeline = load(&args.model, &args.runtime)?;
+    let ids = pipeline
+        .tokenizer
+        .encode(&text, false)
+        .with_context(|| format!("tokenizing {}", args.text.display()))?;
+    let manifest = &pipeline.engine.manifest;
+    let context = args.context.unwrap_or(manifest.prompt.max_length);
+    if manifest.logits != "all" {
+        eprintln!(
+            "note: {} returns logits for the last position only: scoring one token per step \
+             (export with --logits all to score a window per step)",
+            args.model.display()
+        );
+    }
+    let bar = indicatif::ProgressBar::new(ids.len().saturating_sub(1) as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} scoring [{bar:30}] {pos}/{len} tokens {per_sec}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let report = carrot_runtime::perplexity::perplexity(&mut pipeline.engine, &ids, context, |n| {
+        bar.set_position(n as u64)
+    })
+    .with_context(|| format!("scoring {}", args.text.display()));
+    bar.finish_and_clear();
+    let report = report?;
+    if args.json {
+        let json = serde_json::json!({
+            "perplexity": report.perplexity,
+            "tokens": report.tokens,
+            "mean_nll": report.mean_nll,
+            "windows": report.windows,
+            "context": context,
+        });
+        println!("{json}");
+    } else {
+        println!(
+            "perplexity {:.4} over {} tokens ({} window(s) of at most {context} positions)",
+            report.perplexity, report.tokens, report.windows
         );
     }
     Ok(())

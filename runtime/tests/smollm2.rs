@@ -79,8 +79,14 @@ fn skip_reason() -> Option<&'static str> {
     }
 }
 
-/// Run `scripts/fetch-smollm2.sh` and return the Hugging Face directory it fills.
+/// Run `scripts/fetch-smollm2.sh` once per test process and return the Hugging Face directory
+/// it fills.
 fn fetch() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(fetch_now).clone()
+}
+
+fn fetch_now() -> PathBuf {
     let root = workspace();
     let cache = std::env::var_os("CARROT_CACHE")
         .filter(|c| !c.is_empty())
@@ -250,4 +256,105 @@ fn run_python_host(model: &Path, prompt: &str, max_new_tokens: usize) -> HostOut
     let stdout = String::from_utf8_lossy(&out.stdout);
     serde_json::from_str(stdout.trim())
         .unwrap_or_else(|e| panic!("host output is not the JSON object ({e}):\n{stdout}"))
+}
+
+#[derive(Deserialize)]
+struct PerplexityGoldens {
+    records: BTreeMap<String, PerplexityRecord>,
+}
+
+#[derive(Deserialize)]
+struct PerplexityRecord {
+    input_ids: Vec<u32>,
+    contexts: BTreeMap<String, PerplexityScore>,
+}
+
+#[derive(Deserialize)]
+struct PerplexityScore {
+    perplexity: f64,
+    mean_nll: f64,
+}
+
+/// Perplexity on `fixtures/perplexity/text.txt` (full context) of SmolLM2 exported as `format`.
+fn smollm2_perplexity(hf: &Path, dir: &Path, format: WeightFormat, ids: &[u32]) -> f64 {
+    let out = dir.join(format.name());
+    let plan = ExportPlan {
+        model: hf.to_path_buf(),
+        out: out.clone(),
+        base: None,
+        loras: Vec::new(),
+        vision_tower: None,
+        format,
+        flavor: "portable".into(),
+        logits: Logits::All,
+        force: false,
+        progress: false,
+    };
+    export(&plan)
+        .unwrap_or_else(|e| panic!("exporting {} as {}: {e}", hf.display(), format.name()));
+    let mut pipeline = Pipeline::load(&out, &LoadOptions::default()).expect("loading the export");
+    let text = std::fs::read_to_string(workspace().join("fixtures/perplexity/text.txt"))
+        .expect("fixtures/perplexity/text.txt");
+    let own_ids = pipeline.tokenizer.encode(&text, false).expect("tokenize");
+    assert_eq!(
+        own_ids,
+        ids,
+        "{}: ids of text.txt vs transformers'",
+        format.name()
+    );
+    let report =
+        carrot_runtime::perplexity::perplexity(&mut pipeline.engine, ids, ids.len(), |_| {})
+            .unwrap_or_else(|e| panic!("{}: {e}", format.name()));
+    report.perplexity
+}
+
+/// Weight-only quantization on real weights: float32 perplexity equals transformers', int8 stays
+/// within 1 % of it, int4 (block 32) within 30 % (a broken quantizer lands orders of magnitude
+/// away). `scripts/bench.sh` puts these next to onnxruntime-genai's int8/int4 builds.
+#[test]
+fn smollm2_quantized_perplexity_tracks_float32() {
+    if let Some(reason) = skip_reason() {
+        eprintln!("skipping the SmolLM2-135M-Instruct perplexity test: {reason}");
+        return;
+    }
+    let path = workspace().join("fixtures/perplexity/goldens.json");
+    let goldens: PerplexityGoldens = serde_json::from_str(
+        &std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let record = &goldens.records["smollm2"];
+    let want = &record.contexts["full"];
+    let hf = fetch();
+    let tmp = tempfile::tempdir().expect("temporary directory");
+    let fp32 = smollm2_perplexity(
+        &hf,
+        tmp.path(),
+        WeightFormat::Float(DType::F32),
+        &record.input_ids,
+    );
+    let int8 = smollm2_perplexity(
+        &hf,
+        tmp.path(),
+        WeightFormat::parse("int8").expect("int8"),
+        &record.input_ids,
+    );
+    let int4 = smollm2_perplexity(
+        &hf,
+        tmp.path(),
+        WeightFormat::parse("int4").expect("int4"),
+        &record.input_ids,
+    );
+    eprintln!(
+        "SmolLM2 perplexity on text.txt: transformers fp32 {:.4}; carrot fp32 {fp32:.4}, int8 {int8:.4} ({:+.2} %), int4 {int4:.4} ({:+.2} %)",
+        want.perplexity,
+        100.0 * (int8 / fp32 - 1.0),
+        100.0 * (int4 / fp32 - 1.0)
+    );
+    assert!(
+        (fp32.ln() - want.mean_nll).abs() < 1e-4,
+        "fp32 perplexity {fp32} vs transformers {}",
+        want.perplexity
+    );
+    assert!(int8 < 1.01 * fp32, "int8 perplexity {int8} vs fp32 {fp32}");
+    assert!(int4 < 1.30 * fp32, "int4 perplexity {int4} vs fp32 {fp32}");
 }

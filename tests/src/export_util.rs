@@ -106,10 +106,20 @@ pub fn float_format(dtype: DType) -> WeightFormat {
     WeightFormat::Float(dtype)
 }
 
+/// `--dtype int4|int8 --block-size N`.
+pub fn int_format(dtype: &str, block_size: usize) -> WeightFormat {
+    WeightFormat::parse(dtype)
+        .filter(|f| f.quant().is_some())
+        .unwrap_or_else(|| panic!("{dtype} is not a quantized --dtype"))
+        .with_block_size(block_size)
+}
+
 /// An exported directory that lives as long as the test process.
 #[derive(Debug)]
 pub struct Exported {
     pub layout: Layout,
+    pub format: WeightFormat,
+    /// Activation dtype (float32 for quantized formats).
     pub dtype: DType,
     pub dir: PathBuf,
     pub summary: ExportSummary,
@@ -166,25 +176,35 @@ fn export_root() -> &'static Path {
 /// Exports `layout` in `dtype` through [`pipeline::export`] once per process and returns it.
 /// Panics with the exporter's message when the export fails.
 pub fn exported(layout: Layout, dtype: DType) -> &'static Exported {
-    static CACHE: OnceLock<Mutex<HashMap<(Layout, DType), &'static Exported>>> = OnceLock::new();
+    exported_format(layout, float_format(dtype))
+}
+
+/// Like [`exported`], for any weight format (quantized ones included).
+pub fn exported_format(layout: Layout, format: WeightFormat) -> &'static Exported {
+    static CACHE: OnceLock<Mutex<HashMap<(Layout, WeightFormat), &'static Exported>>> =
+        OnceLock::new();
     let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
     let mut cache = cache
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    if let Some(done) = cache.get(&(layout, dtype)) {
+    if let Some(done) = cache.get(&(layout, format)) {
         return done;
     }
-    let format = float_format(dtype);
-    let dir = export_root().join(format!("{}-{}", layout.name(), format.name()));
+    let block = format
+        .quant()
+        .map(|q| format!("-b{}", q.block_size))
+        .unwrap_or_default();
+    let dir = export_root().join(format!("{}-{}{block}", layout.name(), format.name()));
     let summary = pipeline::export(&layout.plan(&dir, format))
         .unwrap_or_else(|e| panic!("exporting {} as {}: {e}", layout.name(), format.name()));
     let done: &'static Exported = Box::leak(Box::new(Exported {
         layout,
-        dtype,
+        format,
+        dtype: format.activation_dtype(),
         dir,
         summary,
     }));
-    cache.insert((layout, dtype), done);
+    cache.insert((layout, format), done);
     done
 }
 

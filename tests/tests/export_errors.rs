@@ -8,7 +8,9 @@ use std::process::Command;
 
 use carrot_export::pipeline::{self, PipelineError, WeightFormat};
 use carrot_graphs::config::DType;
-use carrot_tests::export_util::{Layout, export_cli, export_to, fixture_model, read_model};
+use carrot_tests::export_util::{
+    Layout, export_cli, export_to, fixture_model, int_format, read_model,
+};
 
 // ---- refusals and failures ----------------------------------------------------------------
 
@@ -265,18 +267,16 @@ fn vision_tower_for_a_text_only_model_is_refused() {
 }
 
 #[test]
-fn quantized_dtypes_are_refused_with_a_clear_message() {
+fn block_sizes_that_are_not_powers_of_two_from_16_to_256_are_refused() {
     let tmp = tempdir();
-    for dtype in ["int4", "int8"] {
+    for (dtype, block) in [("int4", 48), ("int8", 8), ("int4", 512), ("int8", 0)] {
         let out = tmp.path().join("out");
-        let format =
-            WeightFormat::parse(dtype).unwrap_or_else(|| panic!("--dtype {dtype} does not parse"));
-        let plan = Layout::Merged.plan(&out, format);
+        let plan = Layout::Merged.plan(&out, int_format(dtype, block));
         let err = pipeline::check_plan(&plan).expect_err(dtype);
         assert!(matches!(err, PipelineError::Plan(_)), "{dtype}: {err:?}");
         let msg = pipeline::export(&plan).expect_err(dtype).to_string();
         assert!(
-            msg.contains(&format!("--dtype {dtype}")) && msg.contains("fp32"),
+            msg.contains(&format!("--block-size {block}")) && msg.contains("power of two"),
             "message: {msg}"
         );
         assert!(!out.exists());
@@ -344,11 +344,27 @@ fn cli_errors_exit_nonzero_with_one_line() {
         out.as_os_str(),
         os("--dtype"),
         os("int4"),
+        os("--block-size"),
+        os("100"),
         os("-q"),
     ]) else {
         return;
     };
-    assert_one_line_error(&o, "--dtype int4");
+    assert_one_line_error(&o, "--block-size 100");
+    assert!(!out.exists());
+
+    let Some(o) = cli(&[
+        os("--model"),
+        llama.as_os_str(),
+        os("--out"),
+        out.as_os_str(),
+        os("--block-size"),
+        os("64"),
+        os("-q"),
+    ]) else {
+        return;
+    };
+    assert_one_line_error(&o, "--block-size applies to --dtype int4 and int8");
     assert!(!out.exists());
 
     let tower = fixture_model("siglip-tiny");

@@ -11,7 +11,7 @@ use carrot_graphs::onnx::ModelProto;
 use carrot_graphs::onnx::tensor_proto::DataLocation;
 use carrot_tests::check_onnx;
 use carrot_tests::export_util::{
-    Exported, Layout, exported, external_entry, read_model, value_type,
+    Exported, Layout, exported, exported_format, external_entry, int_format, read_model, value_type,
 };
 use serde_json::Value as Json;
 
@@ -374,11 +374,7 @@ fn check_manifest(exp: &Exported) {
     carrot_contract::Manifest::parse(&text, &path.display().to_string())
         .unwrap_or_else(|e| panic!("the runtime's reader rejects the manifest: {e}"));
     let multimodal = exp.layout.multimodal();
-    let (dtype, act) = match exp.dtype {
-        DType::F32 => ("fp32", "float32"),
-        DType::F16 => ("fp16", "float16"),
-        DType::BF16 => ("bf16", "bfloat16"),
-    };
+    let (dtype, act) = (exp.format.name(), exp.dtype.manifest_name());
     assert_eq!(key(&m, "format"), "carrot/1");
     assert_eq!(key(&m, "exporter.name"), "carrot-export");
     assert!(key(&m, "exporter.version").is_string());
@@ -409,6 +405,20 @@ fn check_manifest(exp: &Exported) {
     }
     assert_eq!(key(&m, "dtype"), dtype);
     assert_eq!(key(&m, "activation_dtype"), act);
+    match exp.format.quant() {
+        None => assert!(
+            m.get("quantization").is_none(),
+            "quantization in a float export"
+        ),
+        Some(spec) => {
+            assert_eq!(key(&m, "quantization.bits"), spec.bits.width() as u64);
+            assert_eq!(key(&m, "quantization.block_size"), spec.block_size as u64);
+            assert_eq!(
+                key(&m, "quantization.weights"),
+                &serde_json::json!(["decoder_linears", "lm_head", "embed_tokens"])
+            );
+        }
+    }
     assert_eq!(key(&m, "flavor"), "portable");
     assert_eq!(key(&m, "kv_cache"), "concat");
     assert_eq!(key(&m, "logits"), "all");
@@ -503,6 +513,16 @@ fn merged_carrot_tiny_exports_per_contract() {
 #[test]
 fn merged_carrot_tiny_fp16_exports_per_contract() {
     check_contract(exported(Layout::Merged, DType::F16));
+}
+
+#[test]
+fn merged_carrot_tiny_int4_exports_per_contract() {
+    check_contract(exported_format(Layout::Merged, int_format("int4", 32)));
+}
+
+#[test]
+fn text_only_llama_int8_block_64_exports_per_contract() {
+    check_contract(exported_format(Layout::TextOnly, int_format("int8", 64)));
 }
 
 #[test]

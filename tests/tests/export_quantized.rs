@@ -1,0 +1,219 @@
+//! Weight-only int4/int8 exports of carrot-tiny against the transformers goldens: the decoder's
+//! logits stay close to the float32 reference (top-5 overlap, never exact tokens, as
+//! quantization allows), the graphs use the pattern ONNX Runtime fuses into `MatMulNBits`, and
+//! the embedding table dequantizes to what the decoder expects.
+
+use std::collections::HashMap;
+
+use carrot_contract::names;
+use carrot_graphs::config::DType;
+use carrot_tests::export_util::{
+    Goldens, Layout, Output, argmax_rows, exported, exported_format, golden_feeds, int_format,
+    ort_env, read_model, run, session,
+};
+use ndarray::Array2;
+use ort::value::Tensor;
+
+const LAYERS: usize = 2;
+const VOCAB: usize = 128_256;
+const HIDDEN: usize = 32;
+/// Bounds on the relative RMS error of the logits (carrot-tiny's random weights, and ONNX
+/// Runtime's `MatMulNBits` computing with int8 activations; measured at about half of these).
+const INT8_RMS: f64 = 0.05;
+const INT4_RMS: f64 = 0.5;
+
+/// The `k` largest entries of a row, largest first.
+fn top_k(row: &[f32], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..row.len()).collect();
+    idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+    idx.truncate(k);
+    idx
+}
+
+struct Agreement {
+    positions: usize,
+    top1: usize,
+    in_top5: usize,
+    max_abs_error: f32,
+    max_logit: f32,
+    /// `‖ours − reference‖ / ‖reference‖` over every logit.
+    relative_rms: f64,
+}
+
+/// Runs the golden prefill, decode and chunk cases (each on the golden past) through the
+/// decoder of a `dtype` export and compares its logits with the float32 reference.
+fn agreement(dtype: &str, block: usize) -> Agreement {
+    let goldens = Goldens::open("decoder.safetensors");
+    let exp = exported_format(Layout::Merged, int_format(dtype, block));
+    let mut s = session(&exp.graph(names::DECODER_GRAPH));
+    let mut a = Agreement {
+        positions: 0,
+        top1: 0,
+        in_top5: 0,
+        max_abs_error: 0.0,
+        max_logit: 0.0,
+        relative_rms: 0.0,
+    };
+    let (mut diff2, mut ref2) = (0f64, 0f64);
+    for case in ["prefill", "decode", "chunk"] {
+        let feeds = golden_feeds(&s, &goldens, case, DType::F32);
+        let outputs: HashMap<String, Output> = run(&mut s, feeds);
+        let got = &outputs[names::LOGITS].array.data;
+        let want = &goldens.f32(&format!("{case}.logits")).data;
+        assert_eq!(got.len(), want.len(), "{dtype} {case}: logits length");
+        assert!(
+            got.iter().all(|v| v.is_finite()),
+            "{dtype} {case}: non-finite logits"
+        );
+        for (g, w) in got.chunks_exact(VOCAB).zip(want.chunks_exact(VOCAB)) {
+            let reference = argmax_rows(w, VOCAB)[0];
+            let ours = top_k(g, 5);
+            a.positions += 1;
+            a.top1 += usize::from(ours[0] == reference);
+            a.in_top5 += usize::from(ours.contains(&reference));
+        }
+        for (&g, &w) in got.iter().zip(want) {
+            a.max_abs_error = a.max_abs_error.max((g - w).abs());
+            a.max_logit = a.max_logit.max(w.abs());
+            diff2 += f64::from(g - w).powi(2);
+            ref2 += f64::from(w).powi(2);
+        }
+        for name in names::decoder_outputs(LAYERS).iter().skip(1) {
+            let p = &outputs[name].array;
+            let w = goldens.f32(&format!("{case}.{name}"));
+            assert_eq!(p.shape, w.shape, "{dtype} {case}: {name} shape");
+        }
+    }
+    a.relative_rms = (diff2 / ref2).sqrt();
+    eprintln!(
+        "{dtype} (block {block}): top-1 agrees at {}/{} positions, reference top-1 in our top 5 at {}/{}; \
+         relative RMS logit error {:.3e}, max abs {:.3e} (largest reference logit {:.3e})",
+        a.top1, a.positions, a.in_top5, a.positions, a.relative_rms, a.max_abs_error, a.max_logit
+    );
+    a
+}
+
+#[test]
+fn int8_decoder_tracks_the_reference() {
+    let a = agreement("int8", 32);
+    assert_eq!(
+        a.in_top5, a.positions,
+        "reference top-1 outside int8's top 5"
+    );
+    assert_eq!(a.top1, a.positions, "int8 top-1 differs from the reference");
+    assert!(
+        a.relative_rms < INT8_RMS,
+        "int8 logits drift: relative RMS {}",
+        a.relative_rms
+    );
+}
+
+#[test]
+fn int4_decoder_tracks_the_reference() {
+    let a = agreement("int4", 32);
+    assert_eq!(
+        a.in_top5, a.positions,
+        "reference top-1 outside int4's top 5"
+    );
+    assert!(
+        a.relative_rms < INT4_RMS,
+        "int4 logits drift: relative RMS {}",
+        a.relative_rms
+    );
+}
+
+/// The quantized embedding returns the float table's rows up to the quantization step.
+#[test]
+fn quantized_embeddings_dequantize_to_the_table() {
+    let ids: Vec<i64> = vec![0, 1, 128_000, 128_255, 42, 9_999];
+    let feed = |path: &std::path::Path| {
+        let mut s = session(path);
+        let input =
+            Tensor::from_array(Array2::from_shape_vec((2, 3), ids.clone()).unwrap_or_default())
+                .unwrap_or_else(|e| panic!("input_ids: {e}"));
+        let out = s
+            .run(ort::inputs![names::INPUT_IDS => input])
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let (shape, data) = out[names::INPUTS_EMBEDS]
+            .try_extract_tensor::<f32>()
+            .unwrap_or_else(|e| panic!("inputs_embeds: {e}"));
+        assert_eq!(shape.to_vec(), vec![2, 3, HIDDEN as i64]);
+        data.to_vec()
+    };
+    let reference = feed(&exported(Layout::Merged, DType::F32).graph(names::EMBED_GRAPH));
+    let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for (dtype, bound) in [("int8", 0.01), ("int4", 0.1)] {
+        let got =
+            feed(&exported_format(Layout::Merged, int_format(dtype, 32)).graph(names::EMBED_GRAPH));
+        let err = got
+            .iter()
+            .zip(&reference)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        eprintln!("{dtype} embedding: max abs error {err:.3e} (values up to {scale:.3e})");
+        assert!(
+            err <= bound * scale,
+            "{dtype}: embedding error {err} against values up to {scale}"
+        );
+        assert!(err > 0.0, "{dtype}: the embedding was not quantized");
+    }
+}
+
+/// Every linear and the lm_head is `DequantizeLinear(axis 0, block) → MatMul`, and ONNX Runtime's
+/// CPU optimizer turns each into one `MatMulNBits` kernel (the fast path the format exists for).
+#[test]
+fn quantized_linears_fuse_into_matmulnbits() {
+    let exp = exported_format(Layout::Merged, int_format("int4", 32));
+    let path = exp.graph(names::DECODER_GRAPH);
+    let model = read_model(&path);
+    let graph = model.graph.unwrap_or_default();
+    let dq: Vec<_> = graph
+        .node
+        .iter()
+        .filter(|n| n.op_type == "DequantizeLinear")
+        .collect();
+    let linears = 7 * LAYERS + 1;
+    assert_eq!(dq.len(), linears, "DequantizeLinear nodes");
+    for n in &dq {
+        let attr = |k: &str| n.attribute.iter().find(|a| a.name == k).map(|a| a.i);
+        assert_eq!(
+            (attr("axis"), attr("block_size")),
+            (Some(0), Some(32)),
+            "{}",
+            n.name
+        );
+        let consumers = graph
+            .node
+            .iter()
+            .filter(|m| m.input.contains(&n.output[0]))
+            .map(|m| m.op_type.as_str())
+            .collect::<Vec<_>>();
+        assert_eq!(consumers, vec!["MatMul"], "{} feeds {consumers:?}", n.name);
+    }
+    assert!(
+        !graph.node.iter().any(|n| n.domain == "com.microsoft"),
+        "the portable flavor uses standard ops only"
+    );
+
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let optimized = dir.path().join("decoder.optimized.onnx");
+    ort::session::Session::builder(ort_env())
+        .map_err(|e| e.to_string())
+        .and_then(|b| {
+            b.with_optimized_model_path(&optimized)
+                .map_err(|e| e.to_string())
+        })
+        .and_then(|mut b| b.commit_from_file(&path).map_err(|e| e.to_string()))
+        .unwrap_or_else(|e| panic!("optimizing {}: {e}", path.display()));
+    let fused = read_model(&optimized).graph.unwrap_or_default();
+    let count = |op: &str| fused.node.iter().filter(|n| n.op_type == op).count();
+    assert_eq!(
+        count("MatMulNBits"),
+        linears,
+        "MatMulNBits after optimization"
+    );
+    assert_eq!(
+        count("DequantizeLinear"),
+        0,
+        "DequantizeLinear left after optimization"
+    );
+}
