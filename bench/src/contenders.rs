@@ -20,15 +20,25 @@ pub struct Setup {
     pub prompt: String,
     pub new_tokens: usize,
     pub threads: usize,
+    /// `fp32`, `int8` or `int4`, for both exporters.
+    pub dtype: String,
+    /// Quantization block size (int8/int4).
+    pub block_size: usize,
+    /// The text both runtimes score for perplexity.
+    pub text: PathBuf,
 }
 
 impl Setup {
     pub fn carrot_out(&self) -> PathBuf {
-        self.work.join("carrot-fp32")
+        self.work.join(format!("carrot-{}", self.dtype))
     }
 
     pub fn ogenai_out(&self) -> PathBuf {
-        self.work.join("ogenai-fp32")
+        self.work.join(format!("ogenai-{}", self.dtype))
+    }
+
+    fn quantized(&self) -> bool {
+        self.dtype != "fp32"
     }
 
     fn log(&self, name: &str) -> PathBuf {
@@ -73,14 +83,17 @@ pub struct ExportRun {
     pub peak_rss_mb: f64,
 }
 
-/// Export fp32 into a fresh output directory.
+/// Export in the setup's dtype into a fresh output directory.
 pub fn export(s: &Setup, who: Exporter, round: usize) -> anyhow::Result<ExportRun> {
     let (out, mut cmd, log) = match who {
         Exporter::Carrot => {
             let out = s.carrot_out();
             let mut cmd = s.command(&s.bin_dir.join("carrot-export"));
             cmd.arg("--model").arg(&s.hf_dir).arg("--out").arg(&out);
-            cmd.args(["--dtype", "fp32", "--logits", "last", "-q"]);
+            cmd.args(["--dtype", &s.dtype, "--logits", "last", "-q"]);
+            if s.quantized() {
+                cmd.args(["--block-size", &s.block_size.to_string()]);
+            }
             (out, cmd, s.log(&format!("export-carrot-{round}")))
         }
         Exporter::OgenaiBuilder => {
@@ -92,8 +105,11 @@ pub fn export(s: &Setup, who: Exporter, round: usize) -> anyhow::Result<ExportRu
                 .arg(&s.hf_dir);
             cmd.arg("-o")
                 .arg(&out)
-                .args(["-p", "fp32", "-e", "cpu", "-c"])
+                .args(["-p", &s.dtype, "-e", "cpu", "-c"])
                 .arg(&cache);
+            if s.quantized() {
+                cmd.args(["--extra_options", &format!("block_size={}", s.block_size)]);
+            }
             (out, cmd, s.log(&format!("export-ogenai-{round}")))
         }
     };
@@ -188,6 +204,44 @@ pub fn generate(s: &Setup, who: Runtime, round: usize) -> anyhow::Result<Generat
     )?;
     parse_generate(who, &f)
         .with_context(|| format!("{} printed no usable JSON: {}", who.name(), f.stdout.trim()))
+}
+
+/// Perplexity of the exporter's output on the setup's text, the whole text in one window.
+pub fn perplexity(s: &Setup, who: Exporter) -> anyhow::Result<f64> {
+    let threads = s.threads.to_string();
+    let mut cmd = match who {
+        Exporter::Carrot => {
+            let mut cmd = s.command(&s.bin_dir.join("carrot"));
+            cmd.arg("perplexity")
+                .arg("--model")
+                .arg(s.carrot_out())
+                .arg("--text")
+                .arg(&s.text)
+                .args(["--context", "1000000", "--json", "--threads", &threads]);
+            cmd
+        }
+        Exporter::OgenaiBuilder => {
+            let mut cmd = s.command(&s.python);
+            cmd.arg(s.peers_dir.join("ogenai_perplexity.py"))
+                .arg("--model")
+                .arg(s.ogenai_out())
+                .arg("--text")
+                .arg(&s.text)
+                .args(["--context", "full", "--json", "--threads", &threads]);
+            cmd
+        }
+    };
+    let f = child::run(&mut cmd, &s.log(&format!("perplexity-{}", who.name())))?;
+    let line = f
+        .stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .with_context(|| format!("{} printed no JSON", who.name()))?;
+    let v: Value = serde_json::from_str(line)?;
+    v.get("perplexity")
+        .and_then(Value::as_f64)
+        .with_context(|| format!("{} printed no perplexity: {line}", who.name()))
 }
 
 fn parse_generate(who: Runtime, f: &Finished) -> anyhow::Result<GenerateRun> {

@@ -21,7 +21,7 @@ use report::{Bandwidth, ExportSummary, GenerateSummary, Machine, Results, SetupI
 #[derive(Parser, Debug)]
 #[command(
     name = "carrot-bench",
-    about = "carrot vs onnxruntime-genai vs transformers: export and generation, fp32 on CPU"
+    about = "carrot vs onnxruntime-genai vs transformers: export, generation and perplexity on CPU"
 )]
 struct Cli {
     /// Hugging Face model directory (default: .cache/smollm2-135m-instruct).
@@ -50,6 +50,12 @@ struct Cli {
         default_value = "Write a story about a rabbit who grows carrots in a small garden."
     )]
     prompt: String,
+    /// Weight format of both exports (transformers always runs fp32).
+    #[arg(long, default_value = "fp32", value_parser = ["fp32", "int8", "int4"])]
+    dtype: String,
+    /// Quantization block size for int8/int4.
+    #[arg(long, default_value_t = 32)]
+    block_size: usize,
     /// Bytes of the bandwidth buffer.
     #[arg(long, default_value_t = 1 << 30)]
     bandwidth_bytes: usize,
@@ -120,6 +126,9 @@ fn plan(cli: &Cli) -> anyhow::Result<Setup> {
         prompt: cli.prompt.clone(),
         new_tokens: cli.new_tokens,
         threads: cli.threads,
+        dtype: cli.dtype.clone(),
+        block_size: cli.block_size,
+        text: root.join("fixtures/perplexity/text.txt"),
     };
     if cli.runs == 0 || cli.threads == 0 || cli.new_tokens < 2 {
         bail!("--runs and --threads must be at least 1, --new-tokens at least 2");
@@ -132,6 +141,8 @@ fn plan(cli: &Cli) -> anyhow::Result<Setup> {
         setup.bin_dir.join("carrot"),
         setup.peers_dir.join("ogenai_generate.py"),
         setup.peers_dir.join("hf_generate.py"),
+        setup.peers_dir.join("ogenai_perplexity.py"),
+        setup.text.clone(),
     ];
     for path in &needed {
         if !path.exists() {
@@ -209,6 +220,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         say("memory read bandwidth");
         samples.push(bandwidth(threads)?);
     }
+    let mut perplexity = Vec::new();
+    for who in Exporter::ALL {
+        say(&format!("perplexity: {}", who.name()));
+        perplexity.push(report::Perplexity {
+            exporter: who,
+            perplexity: contenders::perplexity(&setup, who)?,
+        });
+    }
     let read_gb_s = samples.iter().copied().fold(0.0, f64::max);
     let limit_tok_s = read_gb_s * 1e9 / weights.carrot_decoder.per_token_bytes as f64;
 
@@ -240,7 +259,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 || setup.hf_dir.display().to_string(),
                 |n| n.to_string_lossy().into_owned(),
             ),
-            dtype: "fp32",
+            dtype: setup.dtype.clone(),
             prompt: setup.prompt.clone(),
             new_tokens: setup.new_tokens,
             threads,
@@ -254,7 +273,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         },
         weights,
         limit_tok_s,
-        ratios: report::ratios(&export, &generation),
+        ratios: report::ratios(&export, &generation, &perplexity),
+        perplexity,
         export,
         generation,
     };

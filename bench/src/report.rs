@@ -18,7 +18,16 @@ pub struct Results {
     pub limit_tok_s: f64,
     pub export: Vec<ExportSummary>,
     pub generation: Vec<GenerateSummary>,
+    pub perplexity: Vec<Perplexity>,
     pub ratios: Vec<Ratio>,
+}
+
+/// Perplexity of one exporter's output on `fixtures/perplexity/text.txt` (one window), scored by
+/// its own runtime.
+#[derive(Debug, Serialize)]
+pub struct Perplexity {
+    pub exporter: Exporter,
+    pub perplexity: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -34,7 +43,7 @@ pub struct Machine {
 #[derive(Debug, Serialize)]
 pub struct SetupInfo {
     pub model: String,
-    pub dtype: &'static str,
+    pub dtype: String,
     pub prompt: String,
     pub new_tokens: usize,
     pub threads: usize,
@@ -128,7 +137,11 @@ pub struct Ratio {
     pub ratio: f64,
 }
 
-pub fn ratios(export: &[ExportSummary], generation: &[GenerateSummary]) -> Vec<Ratio> {
+pub fn ratios(
+    export: &[ExportSummary],
+    generation: &[GenerateSummary],
+    perplexity: &[Perplexity],
+) -> Vec<Ratio> {
     let mut out = Vec::new();
     let mut push = |metric, peer, carrot: f64, peer_value: f64| {
         out.push(Ratio {
@@ -165,6 +178,11 @@ pub fn ratios(export: &[ExportSummary], generation: &[GenerateSummary]) -> Vec<R
                 c.peak_rss_mb,
                 p.peak_rss_mb,
             );
+        }
+    }
+    if let [c, peers @ ..] = perplexity {
+        for p in peers {
+            push("perplexity", p.exporter.name(), c.perplexity, p.perplexity);
         }
     }
     out
@@ -247,6 +265,15 @@ pub fn table(r: &Results) -> String {
                 c.peak_rss_mb / p.peak_rss_mb
             );
         }
+    }
+
+    let _ = writeln!(
+        s,
+        "\n| perplexity on fixtures/perplexity/text.txt | {} |\n|---|---:|",
+        u.dtype
+    );
+    for p in &r.perplexity {
+        let _ = writeln!(s, "| {} | {:.4} |", p.exporter.name(), p.perplexity);
     }
 
     let b = &r.bandwidth;

@@ -17,6 +17,7 @@ use ort::value::{DynValue, Tensor};
 
 use crate::device::{Device, DeviceError};
 use crate::generate::{BoxError, Model, Segment, StepInput};
+use crate::memory::MemoryLimit;
 
 #[derive(thiserror::Error, Debug)]
 pub enum EngineError {
@@ -40,6 +41,8 @@ pub enum EngineError {
     NoVision,
     #[error("{0}")]
     Unsupported(String),
+    #[error("{0}")]
+    Memory(String),
     #[error("{what}: {reason}")]
     Run { what: String, reason: String },
 }
@@ -190,6 +193,8 @@ pub struct LoadOptions {
     pub ort_lib: Option<PathBuf>,
     /// Where TensorRT keeps engine and timing caches (default: `OUT/.trt-cache`).
     pub cache_dir: Option<PathBuf>,
+    /// Refuse a CPU load that would not fit in memory (see [`crate::memory`]).
+    pub memory_limit: MemoryLimit,
 }
 
 impl Default for LoadOptions {
@@ -199,6 +204,7 @@ impl Default for LoadOptions {
             threads: None,
             ort_lib: None,
             cache_dir: None,
+            memory_limit: MemoryLimit::default(),
         }
     }
 }
@@ -244,6 +250,18 @@ impl Engine {
                  bfloat16 kernels. Export with --dtype fp32 or fp16 to run on the CPU",
                 dir.display()
             )));
+        }
+        if device == Device::Cpu {
+            let budget = match opts.memory_limit {
+                MemoryLimit::Available => crate::memory::available(),
+                MemoryLimit::Bytes(b) => Some(b),
+                MemoryLimit::Off => None,
+            };
+            if let Some(budget) = budget {
+                let estimate = crate::memory::estimate(dir, &manifest);
+                crate::memory::check(dir, &manifest, &estimate, budget)
+                    .map_err(EngineError::Memory)?;
+            }
         }
         let open = |file: &str| -> Result<Session, EngineError> {
             let path = dir.join(file);

@@ -53,6 +53,9 @@ struct RuntimeArgs {
     /// Intra-op threads per session.
     #[arg(long)]
     threads: Option<usize>,
+    /// Load even when the CPU memory estimate exceeds the memory available.
+    #[arg(long)]
+    skip_memory_check: bool,
 }
 
 impl RuntimeArgs {
@@ -62,6 +65,11 @@ impl RuntimeArgs {
             threads: self.threads,
             ort_lib: self.ort_lib.clone(),
             cache_dir: None,
+            memory_limit: if self.skip_memory_check {
+                carrot_runtime::memory::MemoryLimit::Off
+            } else {
+                carrot_runtime::memory::MemoryLimit::Available
+            },
         }
     }
 }

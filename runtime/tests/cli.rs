@@ -281,3 +281,31 @@ fn demo_reproduces_the_reference_tokens() {
         "{stdout}"
     );
 }
+
+/// A CPU load beyond the memory budget is refused before any session exists, with advice;
+/// within the budget, or with the check off, it loads.
+#[test]
+fn memory_check_refuses_a_load_beyond_the_budget() {
+    use carrot_runtime::engine::{EngineError, LoadOptions};
+    use carrot_runtime::memory::MemoryLimit;
+    let load = |memory_limit| {
+        carrot_runtime::engine::Engine::load(
+            &model(),
+            &LoadOptions {
+                memory_limit,
+                ..LoadOptions::default()
+            },
+        )
+    };
+    match load(MemoryLimit::Bytes(64 << 20)) {
+        Err(EngineError::Memory(msg)) => {
+            assert!(
+                msg.contains("carrot-tiny") && msg.contains("--skip-memory-check"),
+                "{msg}"
+            );
+        }
+        other => panic!("expected a memory refusal, got {other:?}"),
+    }
+    assert!(load(MemoryLimit::Bytes(4 << 30)).is_ok());
+    assert!(load(MemoryLimit::Off).is_ok());
+}

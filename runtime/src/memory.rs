@@ -1,0 +1,207 @@
+//! How much memory running an export takes on the CPU, checked before any session is created, so
+//! that an 8B float16 export never ends in a machine-wide swap storm.
+//!
+//! ONNX Runtime's CPU provider has no float16 matrix kernels: it runs float16 graphs through
+//! float32 copies of their weights, so they need about twice their file size. Float32 and
+//! weight-only int4/int8 graphs (whose `DequantizeLinear → MatMul` pairs become `MatMulNBits`)
+//! need about their file size. The KV cache for the full context comes on top.
+
+use std::path::Path;
+
+use carrot_contract::Manifest;
+use indicatif::HumanBytes;
+
+/// What the memory check compares against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MemoryLimit {
+    /// `MemAvailable` from `/proc/meminfo` (no check where it cannot be read).
+    #[default]
+    Available,
+    /// A fixed budget in bytes.
+    Bytes(u64),
+    /// No check.
+    Off,
+}
+
+/// The estimate for one export on the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Estimate {
+    /// Bytes of the graph files and their external data.
+    pub files: u64,
+    /// Bytes the weights take once ONNX Runtime holds them.
+    pub weights: u64,
+    /// KV cache for one sequence at the manifest's `prompt.max_length`, in float32.
+    pub kv_cache: u64,
+}
+
+impl Estimate {
+    pub fn total(&self) -> u64 {
+        self.weights + self.kv_cache + OVERHEAD
+    }
+}
+
+/// Sessions, the tokenizer, arenas for activations: measured at a few hundred MB for the fixtures.
+const OVERHEAD: u64 = 512 << 20;
+
+fn file_len(path: &Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+/// Estimate the CPU memory of the export in `dir`.
+pub fn estimate(dir: &Path, manifest: &Manifest) -> Estimate {
+    let graphs = [
+        manifest.graphs.vision.as_deref(),
+        Some(manifest.graphs.embed.as_str()),
+        Some(manifest.graphs.decoder.as_str()),
+    ];
+    let files: u64 = graphs
+        .into_iter()
+        .flatten()
+        .map(|g| file_len(&dir.join(g)) + file_len(&dir.join(format!("{g}.data"))))
+        .sum();
+    let widen = match manifest.activation_dtype.as_str() {
+        "float16" | "bfloat16" => 2,
+        _ => 1,
+    };
+    let t = &manifest.text;
+    let kv_cache = 2
+        * t.num_layers as u64
+        * t.num_kv_heads as u64
+        * t.head_dim as u64
+        * manifest.prompt.max_length as u64
+        * 4;
+    Estimate {
+        files,
+        weights: files * widen,
+        kv_cache,
+    }
+}
+
+/// `MemAvailable` in bytes, where the kernel reports it.
+pub fn available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// `Err(advice)` when the export in `dir` needs more than `budget` bytes on the CPU.
+pub fn check(
+    dir: &Path,
+    manifest: &Manifest,
+    estimate: &Estimate,
+    budget: u64,
+) -> Result<(), String> {
+    let need = estimate.total();
+    if need <= budget {
+        return Ok(());
+    }
+    let why = if estimate.weights > estimate.files {
+        format!(
+            "its {} {} graphs run in float32 on ONNX Runtime's CPU provider, about {}",
+            HumanBytes(estimate.files),
+            manifest.dtype,
+            HumanBytes(estimate.weights)
+        )
+    } else {
+        format!("its graphs take {}", HumanBytes(estimate.files))
+    };
+    let advice = match manifest.dtype.as_str() {
+        "int4" => "run it on a GPU (--device cuda)",
+        "int8" => "export with --dtype int4 or run it on a GPU (--device cuda)",
+        _ => "export with --dtype int4 or int8 for the CPU, or run it on a GPU (--device cuda)",
+    };
+    Err(format!(
+        "{}: running on the CPU needs about {} ({why}, plus {} of KV cache), more than the {} available; \
+         {advice}, or pass --skip-memory-check to try anyway",
+        dir.display(),
+        HumanBytes(need),
+        HumanBytes(estimate.kv_cache),
+        HumanBytes(budget)
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(dtype: &str, act: &str) -> Manifest {
+        let text = format!(
+            r#"{{"format": "carrot/1", "exporter": {{"name": "carrot-export", "version": "0"}},
+            "source": {{"model": "m", "lora": [], "dtype_in": "float16"}},
+            "dtype": "{dtype}", "activation_dtype": "{act}", "flavor": "portable",
+            "kv_cache": "concat", "logits": "last",
+            "graphs": {{"embed": "embed.onnx", "decoder": "decoder.onnx"}},
+            "text": {{"hidden_size": 4096, "num_layers": 32, "num_attention_heads": 32,
+                     "num_kv_heads": 8, "head_dim": 128, "vocab_size": 128256,
+                     "max_position_embeddings": 131072}},
+            "prompt": {{"template": "raw", "image_token": "<image>", "image_token_index": -200,
+                       "bos_token_id": 128000, "eos_token_ids": [128001], "max_length": 2048}},
+            "sampling_defaults": {{"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 16}}}}"#
+        );
+        match Manifest::parse(&text, "carrot.json") {
+            Ok(m) => m,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    const GB: u64 = 1 << 30;
+
+    #[test]
+    fn float16_on_the_cpu_counts_twice_and_is_refused_with_advice() {
+        let m = manifest("fp16", "float16");
+        let e = Estimate {
+            files: 15 * GB,
+            weights: 30 * GB,
+            kv_cache: 512 << 20,
+        };
+        let err = check(Path::new("/x/carrot-8b"), &m, &e, 22 * GB).expect_err("30 GB > 22 GB");
+        for needle in [
+            "/x/carrot-8b",
+            "float32",
+            "--dtype int4",
+            "--device cuda",
+            "--skip-memory-check",
+            "31.00 GiB",
+            "22.00 GiB",
+        ] {
+            assert!(err.contains(needle), "`{needle}` not in: {err}");
+        }
+        assert!(check(Path::new("x"), &m, &e, 40 * GB).is_ok());
+    }
+
+    #[test]
+    fn int4_is_advised_a_gpu_only() {
+        let m = manifest("int4", "float32");
+        let e = Estimate {
+            files: 5 * GB,
+            weights: 5 * GB,
+            kv_cache: 0,
+        };
+        let err = check(Path::new("x"), &m, &e, 4 * GB).expect_err("5.5 GB > 4 GB");
+        assert!(
+            err.contains("--device cuda") && !err.contains("--dtype"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn estimate_reads_file_sizes_and_widens_half_precision() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (file, len) in [
+            ("embed.onnx", 100),
+            ("embed.onnx.data", 1000),
+            ("decoder.onnx", 10),
+            ("decoder.onnx.data", 5000),
+        ] {
+            std::fs::write(dir.path().join(file), vec![0u8; len]).expect("write");
+        }
+        let half = estimate(dir.path(), &manifest("fp16", "float16"));
+        assert_eq!(half.files, 6110);
+        assert_eq!(half.weights, 12220);
+        // 2 (K, V) · 32 layers · 8 heads · 128 · 2048 positions · 4 bytes.
+        assert_eq!(half.kv_cache, 2 * 32 * 8 * 128 * 2048 * 4);
+        let int4 = estimate(dir.path(), &manifest("int4", "float32"));
+        assert_eq!(int4.weights, 6110);
+    }
+}
