@@ -24,13 +24,16 @@ pub struct Setup {
     pub dtype: String,
     /// Quantization block size (int8/int4).
     pub block_size: usize,
+    /// carrot-export's `--flavor`.
+    pub flavor: String,
     /// The text both runtimes score for perplexity.
     pub text: PathBuf,
 }
 
 impl Setup {
     pub fn carrot_out(&self) -> PathBuf {
-        self.work.join(format!("carrot-{}", self.dtype))
+        self.work
+            .join(format!("carrot-{}-{}", self.dtype, self.flavor))
     }
 
     pub fn ogenai_out(&self) -> PathBuf {
@@ -90,7 +93,9 @@ pub fn export(s: &Setup, who: Exporter, round: usize) -> anyhow::Result<ExportRu
             let out = s.carrot_out();
             let mut cmd = s.command(&s.bin_dir.join("carrot-export"));
             cmd.arg("--model").arg(&s.hf_dir).arg("--out").arg(&out);
-            cmd.args(["--dtype", &s.dtype, "--logits", "last", "-q"]);
+            cmd.args([
+                "--dtype", &s.dtype, "--flavor", &s.flavor, "--logits", "last", "-q",
+            ]);
             if s.quantized() {
                 cmd.args(["--block-size", &s.block_size.to_string()]);
             }

@@ -56,6 +56,9 @@ struct Cli {
     /// Quantization block size for int8/int4.
     #[arg(long, default_value_t = 32)]
     block_size: usize,
+    /// carrot-export's graph flavor (`ort` needs --dtype int8 or int4).
+    #[arg(long, default_value = "portable", value_parser = ["portable", "ort"])]
+    flavor: String,
     /// Bytes of the bandwidth buffer.
     #[arg(long, default_value_t = 1 << 30)]
     bandwidth_bytes: usize,
@@ -128,6 +131,7 @@ fn plan(cli: &Cli) -> anyhow::Result<Setup> {
         threads: cli.threads,
         dtype: cli.dtype.clone(),
         block_size: cli.block_size,
+        flavor: cli.flavor.clone(),
         text: root.join("fixtures/perplexity/text.txt"),
     };
     if cli.runs == 0 || cli.threads == 0 || cli.new_tokens < 2 {
@@ -259,7 +263,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 || setup.hf_dir.display().to_string(),
                 |n| n.to_string_lossy().into_owned(),
             ),
-            dtype: setup.dtype.clone(),
+            dtype: format!("{}, carrot flavor {}", setup.dtype, setup.flavor),
             prompt: setup.prompt.clone(),
             new_tokens: setup.new_tokens,
             threads,

@@ -9,7 +9,7 @@ use std::time::Instant;
 use carrot_contract::manifest::{self, Manifest};
 use carrot_contract::names;
 use carrot_graphs::builder::GraphBuilder;
-use carrot_graphs::config::DType;
+use carrot_graphs::config::{DType, Flavor};
 use carrot_graphs::llama::{self, Logits};
 use carrot_graphs::nn::{Ctx, GraphError};
 use carrot_graphs::quant::{Bits, QuantSpec};
@@ -194,10 +194,11 @@ pub fn check_plan(plan: &ExportPlan) -> Result<(), PipelineError> {
             )));
         }
     }
-    if plan.flavor != "portable" {
+    if flavor(plan)? == Flavor::Ort && plan.format.quant().is_none() {
         return Err(PipelineError::Plan(format!(
-            "--flavor {} is not supported yet; use --flavor portable",
-            plan.flavor
+            "--flavor ort needs --dtype int4 or int8 in this version (its linears are \
+             ONNX Runtime's MatMulNBits); export --dtype {} with --flavor portable",
+            plan.format.name()
         )));
     }
     if plan.out.exists() && !plan.force {
@@ -210,6 +211,16 @@ pub fn check_plan(plan: &ExportPlan) -> Result<(), PipelineError> {
         )));
     }
     Ok(())
+}
+
+fn flavor(plan: &ExportPlan) -> Result<Flavor, PipelineError> {
+    match plan.flavor.as_str() {
+        "portable" => Ok(Flavor::Portable),
+        "ort" => Ok(Flavor::Ort),
+        other => Err(PipelineError::Plan(format!(
+            "--flavor {other}: expected portable or ort"
+        ))),
+    }
 }
 
 /// Counts tensors and bytes as they are handed to the graph builders.
@@ -235,6 +246,7 @@ pub fn export(plan: &ExportPlan) -> Result<ExportSummary, PipelineError> {
     let start = Instant::now();
     let dtype = plan.format.activation_dtype();
     let quant = plan.format.quant();
+    let flavor = flavor(plan)?;
     let mut model = source::open(
         &plan.model,
         plan.base.as_deref(),
@@ -286,8 +298,7 @@ pub fn export(plan: &ExportPlan) -> Result<ExportSummary, PipelineError> {
             files.extend(write_graph(
                 &tmp.path,
                 names::VISION_GRAPH,
-                dtype,
-                None,
+                (dtype, None, flavor),
                 &mut weights,
                 |ctx| vision::build_vision(ctx, &mm.vision, &mm.projector),
             )?);
@@ -296,8 +307,7 @@ pub fn export(plan: &ExportPlan) -> Result<ExportSummary, PipelineError> {
         files.extend(write_graph(
             &tmp.path,
             names::EMBED_GRAPH,
-            dtype,
-            quant,
+            (dtype, quant, flavor),
             &mut weights,
             |ctx| llama::build_embed(ctx, &text),
         )?);
@@ -306,8 +316,7 @@ pub fn export(plan: &ExportPlan) -> Result<ExportSummary, PipelineError> {
         files.extend(write_graph(
             &tmp.path,
             names::DECODER_GRAPH,
-            dtype,
-            quant,
+            (dtype, quant, flavor),
             &mut weights,
             |ctx| llama::build_decoder(ctx, &text, &inv_freq, plan.logits),
         )?);
@@ -359,8 +368,7 @@ fn file_len(p: &Path) -> u64 {
 fn write_graph(
     dir: &Path,
     file: &str,
-    dtype: DType,
-    quant: Option<QuantSpec>,
+    (dtype, quant, flavor): (DType, Option<QuantSpec>, Flavor),
     weights: &mut dyn WeightSource,
     build: impl FnOnce(&mut Ctx<'_>) -> Result<(), GraphError>,
 ) -> Result<Vec<(String, u64)>, PipelineError> {
@@ -380,6 +388,7 @@ fn write_graph(
             weights,
             dtype,
             quant,
+            flavor,
         };
         build(&mut ctx).map_err(graph_err)?;
     }

@@ -31,6 +31,26 @@ impl DType {
     }
 }
 
+/// Which operators a graph may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Flavor {
+    /// Standard ONNX operators only: any ONNX Runtime build, TensorRT, other runtimes.
+    #[default]
+    Portable,
+    /// ONNX Runtime's contrib operators where they are faster (`MatMulNBits` for quantized
+    /// linears).
+    Ort,
+}
+
+impl Flavor {
+    pub fn manifest_name(self) -> &'static str {
+        match self {
+            Flavor::Portable => "portable",
+            Flavor::Ort => "ort",
+        }
+    }
+}
+
 /// llama3-style RoPE frequency scaling (`rope_type: "llama3"`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Llama3RopeScaling {

@@ -7,6 +7,7 @@
 pub mod builder;
 pub mod config;
 pub mod external;
+pub mod gqa;
 pub mod llama;
 pub mod nn;
 pub mod onnx;

@@ -8,7 +8,7 @@
 use carrot_contract::names;
 
 use crate::builder::{Dim, ElemType, Value};
-use crate::config::TextConfig;
+use crate::config::{Flavor, TextConfig};
 use crate::nn::{self, Ctx, GraphError, Result};
 use crate::quant::{Bits, BlockQuantized, QuantSpec};
 
@@ -28,6 +28,12 @@ impl Logits {
             Logits::Last => "last",
         }
     }
+}
+
+/// Attention inputs computed once and shared by every layer, per flavor.
+enum AttnShared {
+    Portable(Shared),
+    Gqa(crate::gqa::GqaShared),
 }
 
 /// Values computed once and shared by every layer.
@@ -246,7 +252,13 @@ pub fn build_decoder(
         pasts.push((k, v));
     }
 
-    let shared = shared_inputs(ctx, cfg, inv_freq, &embeds, &mask, &positions)?;
+    let shared = if uses_gqa(ctx, cfg) {
+        AttnShared::Gqa(crate::gqa::shared_inputs(ctx, cfg, inv_freq, &mask)?)
+    } else {
+        AttnShared::Portable(shared_inputs(
+            ctx, cfg, inv_freq, &embeds, &mask, &positions,
+        )?)
+    };
     let mut x = embeds;
     let mut presents = Vec::with_capacity(cfg.num_layers);
     for (i, (pk, pv)) in pasts.iter().enumerate() {
@@ -408,6 +420,12 @@ fn shared_inputs(
     })
 }
 
+/// The `ort` flavor of a quantized decoder attends with `GroupQueryAttention` where ONNX Runtime's
+/// kernel supports the head size.
+fn uses_gqa(ctx: &Ctx<'_>, cfg: &TextConfig) -> bool {
+    ctx.flavor == Flavor::Ort && ctx.quant.is_some() && crate::gqa::supports(cfg)
+}
+
 /// `apply_rotary_pos_emb` for one tensor: `x·cos + rotate_half(x)·sin`,
 /// `rotate_half(x) = concat(-x[…, d/2:], x[…, :d/2])`.
 fn rotate(
@@ -554,11 +572,45 @@ fn attention(
 }
 
 /// `LlamaMLP`: `down(silu(gate(x)) * up(x))`.
+///
+/// The `ort` flavor of a quantized decoder computes gate and up as one packed matrix, split after:
+/// ```text
+///   x ─MatMulNBits(gate|up)─Split(-1)─┬─silu─┐
+///                                     └──────Mul─down_proj─▶
+/// ```
 fn mlp(ctx: &mut Ctx<'_>, cfg: &TextConfig, layer: usize, x: &Value) -> Result<Value> {
     let key = format!("model.layers.{layer}.mlp");
     let (h, i, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
-    let g = nn::linear(ctx, "gate_proj", &format!("{key}.gate_proj"), x, h, i, bias)?;
-    let u = nn::linear(ctx, "up_proj", &format!("{key}.up_proj"), x, h, i, bias)?;
+    let (g, u) = if ctx.flavor == Flavor::Ort && ctx.quant.is_some() && !bias {
+        let gate_up = nn::packed_linear(
+            ctx,
+            "gate_up_proj",
+            &[
+                (&format!("{key}.gate_proj"), i),
+                (&format!("{key}.up_proj"), i),
+            ],
+            &format!("{key}.gate_up_proj.weight"),
+            x,
+            h,
+        )?;
+        let sizes = ctx
+            .b
+            .const_i64("gate_up_proj/split", &[i as i64, i as i64])?;
+        let parts = ctx
+            .b
+            .op("Split", "gate_up_proj/Split", &[&gate_up, &sizes])
+            .attr_int("axis", -1)
+            .build_n(2)?;
+        let [g, u]: [Value; 2] = parts
+            .try_into()
+            .map_err(|_| GraphError::Config("Split has two outputs".into()))?;
+        (g, u)
+    } else {
+        (
+            nn::linear(ctx, "gate_proj", &format!("{key}.gate_proj"), x, h, i, bias)?,
+            nn::linear(ctx, "up_proj", &format!("{key}.up_proj"), x, h, i, bias)?,
+        )
+    };
     let g = nn::silu(ctx, "act_fn", &g)?;
     let y = ctx.b.mul("Mul", &g, &u)?;
     nn::linear(
@@ -580,7 +632,7 @@ fn decoder_layer(
     x: &Value,
     past_k: &Value,
     past_v: &Value,
-    shared: &Shared,
+    shared: &AttnShared,
 ) -> Result<(Value, Value, Value)> {
     let key = format!("model.layers.{layer}");
     let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
@@ -595,7 +647,12 @@ fn decoder_layer(
             eps,
         )?;
         ctx.b.push_scope("attn");
-        let a = attention(ctx, cfg, layer, &n1, past_k, past_v, shared);
+        let a = match shared {
+            AttnShared::Portable(shared) => attention(ctx, cfg, layer, &n1, past_k, past_v, shared),
+            AttnShared::Gqa(shared) => {
+                crate::gqa::attention(ctx, cfg, layer, &n1, (past_k, past_v), shared)
+            }
+        };
         ctx.b.pop_scope();
         let (a, pk, pv) = a?;
         let h1 = ctx.b.add("residual/Add", x, &a)?;

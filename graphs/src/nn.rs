@@ -4,7 +4,7 @@
 //! builder's current scope (`/model/layers.3/attn/q_proj/MatMul`).
 
 use crate::builder::{BuildError, ElemType, GraphBuilder, Value};
-use crate::config::DType;
+use crate::config::{DType, Flavor};
 use crate::quant::{BlockQuantized, QuantSpec};
 use crate::weights::{Tensor, WeightError, WeightSource};
 
@@ -36,6 +36,7 @@ pub struct Ctx<'a> {
     /// `Some` quantizes the weights of [`linear`] and [`matmul_weight`] (and the embedding
     /// table); activations stay in `dtype`.
     pub quant: Option<QuantSpec>,
+    pub flavor: Flavor,
 }
 
 impl Ctx<'_> {
@@ -128,6 +129,27 @@ pub fn linear(
     Ok(r?)
 }
 
+/// Several bias-free linears on the same input as one matrix: their weights (`KEY.weight`,
+/// `[out_i, in]` each) stacked by rows under `name`, so one kernel computes
+/// `[x @ w_0ᵀ | x @ w_1ᵀ | …]` along the last axis.
+pub fn packed_linear(
+    ctx: &mut Ctx<'_>,
+    scope: &str,
+    parts: &[(&str, usize)],
+    name: &str,
+    x: &Value,
+    in_f: usize,
+) -> Result<Value> {
+    let rows: usize = parts.iter().map(|(_, out)| out).sum();
+    let mut data = Vec::with_capacity(rows * in_f);
+    for (key, out_f) in parts {
+        let w = ctx.fetch(&format!("{key}.weight"), &[*out_f, in_f])?;
+        data.extend_from_slice(&w.data);
+    }
+    let w = Tensor::new(vec![rows, in_f], data);
+    matmul_weight(ctx, scope, name, &w, x)
+}
+
 /// `x @ wᵀ` for a checkpoint matrix `w [out, in]` named `name`, under `scope`.
 ///
 /// Float graphs keep the weight transposed as `name.T` `[in, out]` for `MatMul`. Quantized graphs
@@ -140,6 +162,10 @@ pub fn linear(
 ///   name.T.scales ──────DequantizeLinear(axis 0, block_size)──┐
 ///   name.T.zero_points ─┘                                     │
 ///   x ────────────────────────────────────────────────────────MatMul──▶ y
+/// ```
+/// The `ort` flavor emits that kernel itself, on the checkpoint's `[out, in]` layout:
+/// ```text
+///   x ─MatMulNBits(name.codes [out, blocks, block·bits/8], name.scales, name.zero_points)─▶ y
 /// ```
 pub fn matmul_weight(
     ctx: &mut Ctx<'_>,
@@ -158,6 +184,9 @@ pub fn matmul_weight(
             });
         }
     };
+    if let (Some(spec), Flavor::Ort) = (ctx.quant, ctx.flavor) {
+        return matmul_nbits(ctx, scope, name, w, x, spec, (out_f, in_f));
+    }
     let weight = match ctx.quant {
         None => {
             let dtype = ctx.dtype;
@@ -212,6 +241,62 @@ pub fn matmul_weight(
     ctx.b.pop_scope();
     Ok(y?)
 }
+
+/// ONNX Runtime's `MatMulNBits` on a quantized `w [out, in]` (the `ort` flavor).
+fn matmul_nbits(
+    ctx: &mut Ctx<'_>,
+    scope: &str,
+    name: &str,
+    w: &Tensor,
+    x: &Value,
+    spec: QuantSpec,
+    (out_f, in_f): (usize, usize),
+) -> Result<Value> {
+    let q = BlockQuantized::quantize(&w.data, out_f, in_f, spec);
+    let blocks = q.blocks();
+    let l = q.matmul_nbits();
+    drop(q);
+    let blob = spec.block_size * spec.bits.width() / 8;
+    let codes = ctx.b.initializer(
+        &format!("{name}.codes"),
+        ElemType::U8,
+        &[out_f, blocks, blob],
+        &l.codes,
+    )?;
+    let scales = ctx.b.initializer(
+        &format!("{name}.scales"),
+        ElemType::F32,
+        &[out_f * blocks],
+        bytemuck::cast_slice(&l.scales),
+    )?;
+    let zero_points = ctx.b.initializer(
+        &format!("{name}.zero_points"),
+        ElemType::U8,
+        &[l.zero_points.len()],
+        &l.zero_points,
+    )?;
+    ctx.b.push_scope(scope);
+    let y = ctx
+        .b
+        .op(
+            "MatMulNBits",
+            "MatMulNBits",
+            &[x, &codes, &scales, &zero_points],
+        )
+        .domain("com.microsoft")
+        .attr_int("K", in_f as i64)
+        .attr_int("N", out_f as i64)
+        .attr_int("bits", spec.bits.width() as i64)
+        .attr_int("block_size", spec.block_size as i64)
+        .attr_int("accuracy_level", MATMUL_NBITS_ACCURACY_LEVEL)
+        .build();
+    ctx.b.pop_scope();
+    Ok(y?)
+}
+
+/// `MatMulNBits` computes with int8-quantized activations (level 4), as ONNX Runtime does when it
+/// fuses the portable flavor's `DequantizeLinear → MatMul` on the CPU.
+pub const MATMUL_NBITS_ACCURACY_LEVEL: i64 = 4;
 
 /// `LlamaRMSNorm`: computed in float32, cast back, then multiplied by the weight.
 ///

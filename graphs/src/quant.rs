@@ -288,6 +288,31 @@ impl BlockQuantized {
     }
 }
 
+impl BlockQuantized {
+    /// ONNX Runtime `MatMulNBits` layout (for `x @ Wᵀ` with `W` this `[rows = N, cols = K]`
+    /// matrix): `B [N, blocks, block_size · bits / 8]` with each block's codes packed (a short
+    /// last block padded with zero codes), scales `[N · blocks]`, zero points packed per row
+    /// (`[N · ceil(blocks · bits / 8)]`, 4-bit ones two per byte, low nibble first).
+    pub fn matmul_nbits(&self) -> PackedLayout {
+        let (bs, nb, bits) = (self.spec.block_size, self.blocks(), self.spec.bits);
+        let mut padded = vec![0u8; self.rows * nb * bs];
+        for r in 0..self.rows {
+            let src = &self.codes[r * self.cols..(r + 1) * self.cols];
+            padded[r * nb * bs..r * nb * bs + self.cols].copy_from_slice(src);
+        }
+        let zero_points = self
+            .zero_points
+            .chunks(nb.max(1))
+            .flat_map(|row| pack(row, bits))
+            .collect();
+        PackedLayout {
+            codes: pack(&padded, bits),
+            scales: self.scales.clone(),
+            zero_points,
+        }
+    }
+}
+
 /// Initializer bytes of a quantized weight in one layout.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PackedLayout {
@@ -494,6 +519,49 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn matmul_nbits_layout_pads_blocks_and_packs_zero_points_per_row() {
+        let (rows, cols) = (3, 40);
+        let x = weights(rows * cols, 21);
+        let spec = QuantSpec {
+            bits: Bits::Int4,
+            block_size: 16,
+        };
+        let q = BlockQuantized::quantize(&x, rows, cols, spec);
+        let l = q.matmul_nbits();
+        // 3 blocks of 16 per row (the last holds 8 values and 8 zero codes), 8 bytes each.
+        assert_eq!(l.codes.len(), rows * 3 * 8);
+        assert_eq!(l.scales, q.scales);
+        // ceil(3 / 2) = 2 zero-point bytes per row.
+        assert_eq!(l.zero_points.len(), rows * 2);
+        let nibble = |packed: &[u8], i: usize| (packed[i / 2] >> (4 * (i % 2))) & 0x0f;
+        for r in 0..rows {
+            for c in 0..48 {
+                let got = nibble(&l.codes, r * 48 + c);
+                let want = if c < cols { q.codes[r * cols + c] } else { 0 };
+                assert_eq!(got, want, "row {r} col {c}");
+            }
+            for b in 0..3 {
+                assert_eq!(nibble(&l.zero_points, r * 4 + b), q.zero_points[r * 3 + b]);
+            }
+            assert_eq!(nibble(&l.zero_points, r * 4 + 3), 0, "padding nibble");
+        }
+        let q8 = BlockQuantized::quantize(
+            &x,
+            rows,
+            cols,
+            QuantSpec {
+                bits: Bits::Int8,
+                ..spec
+            },
+        );
+        let l8 = q8.matmul_nbits();
+        assert_eq!(
+            (l8.codes.len(), l8.zero_points),
+            (rows * 48, q8.zero_points.clone())
+        );
     }
 
     #[test]

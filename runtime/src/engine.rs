@@ -263,19 +263,19 @@ impl Engine {
                     .map_err(EngineError::Memory)?;
             }
         }
-        let open = |file: &str| -> Result<Session, EngineError> {
+        let open = |file: &str, role: SessionRole| -> Result<Session, EngineError> {
             let path = dir.join(file);
             if !path.is_file() {
                 return Err(EngineError::MissingGraph { path });
             }
-            crate::providers::session(&path, &device, opts, &manifest)
+            crate::providers::session(&path, &device, opts, &manifest, role)
         };
         let vision = match &manifest.graphs.vision {
-            Some(file) => Some(open(file)?),
+            Some(file) => Some(open(file, SessionRole::Vision)?),
             None => None,
         };
-        let embed = open(&manifest.graphs.embed)?;
-        let decoder = open(&manifest.graphs.decoder)?;
+        let embed = open(&manifest.graphs.embed, SessionRole::Embed)?;
+        let decoder = open(&manifest.graphs.decoder, SessionRole::Decoder)?;
         let engine = Engine {
             dir: dir.to_path_buf(),
             device,
@@ -553,17 +553,36 @@ impl Model for Engine {
     }
 }
 
+/// What a session runs, which decides how its threads behave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionRole {
+    /// Runs every token: the intra-op threads keep spinning between runs.
+    Decoder,
+    /// A row lookup per step: one thread, no pool to spin and take cores from the decoder.
+    Embed,
+    /// Heavy but once per image: all threads, which sleep instead of spinning when done.
+    Vision,
+}
+
 /// Build a session with the standard options (used by `providers`).
 pub(crate) fn session_builder(
     opts: &LoadOptions,
+    role: SessionRole,
 ) -> Result<ort::session::builder::SessionBuilder, String> {
     let env = crate::ort_lib::environment().ok_or("ONNX Runtime is not initialised")?;
     let mut b = Session::builder(env).map_err(|e| e.to_string())?;
     b = b
         .with_optimization_level(GraphOptimizationLevel::Level3)
         .map_err(|e| e.to_string())?;
-    if let Some(n) = opts.threads {
+    let threads = match role {
+        SessionRole::Embed => Some(1),
+        SessionRole::Decoder | SessionRole::Vision => opts.threads,
+    };
+    if let Some(n) = threads {
         b = b.with_intra_threads(n).map_err(|e| e.to_string())?;
+    }
+    if role == SessionRole::Vision {
+        b = b.with_intra_op_spinning(false).map_err(|e| e.to_string())?;
     }
     Ok(b)
 }

@@ -7,7 +7,7 @@ use carrot_contract::Manifest;
 use ort::session::Session;
 
 use crate::device::{Device, DeviceError};
-use crate::engine::{EngineError, LoadOptions, session_builder};
+use crate::engine::{EngineError, LoadOptions, SessionRole, session_builder};
 
 /// Resolve `auto` to a concrete device; check that a requested GPU provider is compiled in.
 pub fn resolve(device: &Device) -> Result<Device, DeviceError> {
@@ -55,12 +55,13 @@ pub fn session(
     device: &Device,
     opts: &LoadOptions,
     manifest: &Manifest,
+    role: SessionRole,
 ) -> Result<Session, EngineError> {
     let fail = |reason: String| EngineError::Session {
         path: path.to_path_buf(),
         reason,
     };
-    let builder = session_builder(opts).map_err(fail)?;
+    let builder = session_builder(opts, role).map_err(fail)?;
     let builder = match device {
         Device::Cpu | Device::Auto => builder,
         #[cfg(feature = "cuda")]

@@ -217,3 +217,79 @@ fn quantized_linears_fuse_into_matmulnbits() {
         "DequantizeLinear left after optimization"
     );
 }
+
+/// The `ort` flavor emits `MatMulNBits` itself (no `DequantizeLinear` left for ONNX Runtime to fuse),
+/// packs q/k/v and gate/up, attends with `GroupQueryAttention`, and computes what the portable graph
+/// computes: logits and presents for the golden prefill, decode and chunk cases.
+#[test]
+fn ort_flavor_emits_matmulnbits_and_matches_the_portable_graph() {
+    let portable = exported_format(Layout::Merged, int_format("int4", 32));
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let out = tmp.path().join("ort-int4");
+    let mut plan = Layout::Merged.plan(&out, int_format("int4", 32));
+    plan.flavor = "ort".into();
+    carrot_export::pipeline::export(&plan).unwrap_or_else(|e| panic!("ort flavor export: {e}"));
+    let manifest = carrot_contract::Manifest::read_dir(&out).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (manifest.flavor.as_str(), manifest.dtype.as_str()),
+        ("ort", "int4")
+    );
+
+    let graph = read_model(&out.join(names::DECODER_GRAPH))
+        .graph
+        .unwrap_or_default();
+    let count = |op: &str| graph.node.iter().filter(|n| n.op_type == op).count();
+    // Per layer: packed q/k/v, o_proj, packed gate/up, down_proj; then the lm_head.
+    assert_eq!(count("MatMulNBits"), 4 * LAYERS + 1, "MatMulNBits nodes");
+    assert_eq!(
+        count("GroupQueryAttention"),
+        LAYERS,
+        "GroupQueryAttention nodes"
+    );
+    assert_eq!(count("DequantizeLinear"), 0);
+    assert!(
+        graph
+            .node
+            .iter()
+            .filter(|n| n.op_type == "MatMulNBits")
+            .all(|n| n.domain == "com.microsoft")
+    );
+
+    let goldens = Goldens::open("decoder.safetensors");
+    let mut a = session(&portable.graph(names::DECODER_GRAPH));
+    let mut b = session(&out.join(names::DECODER_GRAPH));
+    for case in ["prefill", "decode", "chunk"] {
+        let feeds = golden_feeds(&a, &goldens, case, DType::F32);
+        let want = run(&mut a, feeds);
+        let feeds = golden_feeds(&b, &goldens, case, DType::F32);
+        let got = run(&mut b, feeds);
+        for name in names::decoder_outputs(LAYERS) {
+            let c =
+                carrot_tests::allclose(&got[&name].array.data, &want[&name].array.data, 1e-5, 1e-5);
+            assert_eq!(
+                c.mismatches, 0,
+                "{case}.{name}: ort flavor vs portable, max abs error {:e}",
+                c.max_abs_error
+            );
+        }
+    }
+}
+
+#[test]
+fn ort_flavor_of_a_float_export_is_refused() {
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let out = tmp.path().join("out");
+    let mut plan = Layout::Merged.plan(
+        &out,
+        carrot_export::pipeline::WeightFormat::Float(DType::F16),
+    );
+    plan.flavor = "ort".into();
+    let msg = carrot_export::pipeline::export(&plan)
+        .expect_err("ort flavor in fp16")
+        .to_string();
+    assert!(
+        msg.contains("--flavor ort") && msg.contains("int4"),
+        "{msg}"
+    );
+    assert!(!out.exists());
+}
