@@ -465,6 +465,11 @@ fn build_manifest(plan: &ExportPlan, model: &ResolvedModel, dtype: DType) -> Man
     let max_length = mm
         .and_then(|m| m.settings.tokenizer_model_max_length)
         .unwrap_or(text.max_position_embeddings);
+    // The `ort` flavor's GroupQueryAttention writes into one buffer per layer bound as both past
+    // and present (it keeps the portable attention, with concatenated caches, where its kernel
+    // does not apply).
+    let shared_cache =
+        plan.flavor == "ort" && plan.format.quant().is_some() && carrot_graphs::gqa::supports(text);
     let sampling = if gen_cfg.do_sample == Some(false) {
         (0.0, 1.0)
     } else {
@@ -492,7 +497,7 @@ fn build_manifest(plan: &ExportPlan, model: &ResolvedModel, dtype: DType) -> Man
         dtype: plan.format.name().into(),
         activation_dtype: dtype.manifest_name().into(),
         flavor: plan.flavor.clone(),
-        kv_cache: "concat".into(),
+        kv_cache: if shared_cache { "shared" } else { "concat" }.into(),
         logits: plan.logits.manifest_name().into(),
         graphs: manifest::Graphs {
             vision: mm.map(|_| names::VISION_GRAPH.into()),
@@ -537,7 +542,7 @@ fn build_manifest(plan: &ExportPlan, model: &ResolvedModel, dtype: DType) -> Man
             top_k: Some(gen_cfg.top_k.unwrap_or(50)).filter(|&k| k > 0),
             max_new_tokens: gen_cfg.max_new_tokens.unwrap_or(512),
         },
-        max_sequence: None,
+        max_sequence: shared_cache.then_some(max_length.min(text.max_position_embeddings)),
         quantization: plan.format.quant().map(|spec| manifest::Quantization {
             bits: spec.bits.width() as u32,
             block_size: spec.block_size,

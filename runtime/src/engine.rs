@@ -251,6 +251,13 @@ impl Engine {
                 dir.display()
             )));
         }
+        if manifest.kv_cache == "shared" && act != ActDType::F32 {
+            return Err(EngineError::Unsupported(format!(
+                "{}: a shared KV cache is supported with float32 activations only (this export has {})",
+                dir.display(),
+                manifest.activation_dtype
+            )));
+        }
         if device == Device::Cpu {
             let budget = match opts.memory_limit {
                 MemoryLimit::Available => crate::memory::available(),
@@ -399,9 +406,21 @@ impl Engine {
         Ok(HostRows::from_value(value, "inputs_embeds")?.1)
     }
 
+    /// Whether the decoder keeps its cache in one preallocated buffer per layer
+    /// (`kv_cache: "shared"`), bound as both past and present.
+    fn shared_cache(&self) -> bool {
+        self.manifest.kv_cache == "shared"
+    }
+
     /// A cache holding no positions.
     pub fn empty_cache(&self) -> Result<KvCache, EngineError> {
         let t = &self.manifest.text;
+        if let (true, Some(max)) = (self.shared_cache(), self.manifest.max_sequence) {
+            let capacity = max.min(crate::kv_shared::INITIAL_CAPACITY);
+            let values =
+                crate::kv_shared::allocate(t.num_layers, t.num_kv_heads, capacity, t.head_dim)?;
+            return Ok(KvCache { values, len: 0 });
+        }
         let mut values = Vec::with_capacity(2 * t.num_layers);
         for _ in 0..2 * t.num_layers {
             let shape = vec![1usize, t.num_kv_heads, 0, t.head_dim];
@@ -490,6 +509,42 @@ impl Engine {
         let positions = Tensor::from_array((vec![1usize, seq], input.position_ids.to_vec()))
             .map_err(|e| run_err("position_ids", e))?;
 
+        if let Some(max) = self.manifest.max_sequence.filter(|_| self.shared_cache()) {
+            if input.past_len + seq > max {
+                return Err(run_err(
+                    "decoder.onnx",
+                    format!(
+                        "{} positions do not fit the KV cache of max_sequence {max}",
+                        input.past_len + seq
+                    ),
+                ));
+            }
+            let needed = input.past_len + seq;
+            let capacity = crate::kv_shared::capacity(&cache.values);
+            if needed > capacity {
+                let t = &self.manifest.text;
+                crate::kv_shared::grow(
+                    &mut cache.values,
+                    (t.num_kv_heads, t.head_dim),
+                    input.past_len,
+                    needed.max(2 * capacity).min(max),
+                )?;
+            }
+            let inputs = vec![
+                (names::INPUTS_EMBEDS, embeds),
+                (names::ATTENTION_MASK, mask.into_dyn()),
+                (names::POSITION_IDS, positions.into_dyn()),
+            ];
+            let result = crate::kv_shared::run(
+                &mut self.decoder,
+                inputs,
+                &mut cache.values,
+                (&self.past_names, &self.present_names),
+                read,
+            )?;
+            cache.len = input.past_len + seq;
+            return Ok(result);
+        }
         let layers = self.manifest.text.num_layers;
         let mut feeds: Vec<(&str, ort::session::SessionInputValue<'_>)> =
             Vec::with_capacity(3 + 2 * layers);

@@ -1,0 +1,126 @@
+//! The `kv_cache: "shared"` decode path: each layer's key and value cache is one buffer of
+//! `max_sequence` positions, allocated once per sequence and bound with ONNX Runtime's I/O binding
+//! as both `past_key_values.{i}.*` and `present.{i}.*`. `GroupQueryAttention` sees the same memory
+//! on both sides and writes only the new positions into it, so nothing is reallocated or copied per
+//! token; only the logits come back as a new tensor. Buffers start at [`INITIAL_CAPACITY`]
+//! positions and double (one copy of the used positions) when a step would overflow them, up to
+//! the manifest's `max_sequence`, so a short conversation does not hold a full context's memory.
+
+use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
+use ort::session::Session;
+use ort::value::{DynValue, Tensor};
+
+use crate::engine::EngineError;
+
+fn err(what: &str, e: impl std::fmt::Display) -> EngineError {
+    EngineError::Run {
+        what: what.into(),
+        reason: e.to_string(),
+    }
+}
+
+/// Positions a new cache holds before it first grows.
+pub const INITIAL_CAPACITY: usize = 256;
+
+/// Positions the buffers in `cache` hold.
+pub fn capacity(cache: &[DynValue]) -> usize {
+    cache
+        .first()
+        .and_then(|v| v.shape().get(2).copied())
+        .map_or(0, |c| c.max(0) as usize)
+}
+
+/// Grow every buffer to `new_capacity` positions, keeping the first `used` of each head.
+pub fn grow(
+    cache: &mut [DynValue],
+    (kv_heads, head_dim): (usize, usize),
+    used: usize,
+    new_capacity: usize,
+) -> Result<(), EngineError> {
+    let old_capacity = capacity(cache);
+    let mut grown = allocate(cache.len() / 2, kv_heads, new_capacity, head_dim)?;
+    for (old, new) in cache.iter().zip(grown.iter_mut()) {
+        let (_, src) = old
+            .try_extract_tensor::<f32>()
+            .map_err(|e| err("KV cache", e))?;
+        let (_, dst) = new
+            .try_extract_tensor_mut::<f32>()
+            .map_err(|e| err("KV cache", e))?;
+        for h in 0..kv_heads {
+            let n = used * head_dim;
+            let from = h * old_capacity * head_dim;
+            let to = h * new_capacity * head_dim;
+            dst[to..to + n].copy_from_slice(&src[from..from + n]);
+        }
+    }
+    for (slot, value) in cache.iter_mut().zip(grown) {
+        *slot = value;
+    }
+    Ok(())
+}
+
+/// `2 × layers` zero-filled float32 buffers `[1, kv_heads, max_sequence, head_dim]`, in decoder
+/// input order.
+pub fn allocate(
+    layers: usize,
+    kv_heads: usize,
+    max_sequence: usize,
+    head_dim: usize,
+) -> Result<Vec<DynValue>, EngineError> {
+    let allocator = Allocator::default();
+    (0..2 * layers)
+        .map(|_| {
+            let mut t = Tensor::<f32>::new(&allocator, [1, kv_heads, max_sequence, head_dim])
+                .map_err(|e| err("KV cache", e))?;
+            let (_, data) = t
+                .try_extract_tensor_mut::<f32>()
+                .map_err(|e| err("KV cache", e))?;
+            data.fill(0.0);
+            Ok(t.into_dyn())
+        })
+        .collect()
+}
+
+/// One decoder run with the cache bound in place. `inputs` are the non-cache inputs by name;
+/// `read` gets the logits and the vocabulary size.
+pub fn run<T>(
+    decoder: &mut Session,
+    inputs: Vec<(&str, DynValue)>,
+    cache: &mut [DynValue],
+    (past_names, present_names): (&[String], &[String]),
+    read: impl FnOnce(&[f32], usize) -> T,
+) -> Result<T, EngineError> {
+    let bind = |e| err("decoder.onnx I/O binding", e);
+    let mut binding = decoder.create_binding().map_err(bind)?;
+    for (name, value) in &inputs {
+        binding.bind_input(*name, value).map_err(bind)?;
+    }
+    for ((past, present), value) in past_names.iter().zip(present_names).zip(cache.iter_mut()) {
+        binding.bind_input(past.as_str(), &*value).map_err(bind)?;
+        binding.bind_output(present.as_str(), value).map_err(bind)?;
+    }
+    let cpu = MemoryInfo::new(
+        AllocationDevice::CPU,
+        0,
+        AllocatorType::Device,
+        MemoryType::Default,
+    )
+    .map_err(bind)?;
+    binding
+        .bind_output_to_device(carrot_contract::names::LOGITS, &cpu)
+        .map_err(bind)?;
+    let outputs = decoder
+        .run_binding(&binding)
+        .map_err(|e| err("decoder.onnx", e))?;
+    let logits = outputs
+        .get(carrot_contract::names::LOGITS)
+        .ok_or_else(|| err("decoder.onnx", "no logits"))?;
+    let (shape, data) = logits
+        .try_extract_tensor::<f32>()
+        .map_err(|e| err("logits", e))?;
+    let vocab = shape.last().copied().unwrap_or(0) as usize;
+    if vocab == 0 || data.len() < vocab || !data.len().is_multiple_of(vocab) {
+        return Err(err("logits", format!("unexpected shape {shape:?}")));
+    }
+    Ok(read(data, vocab))
+}
