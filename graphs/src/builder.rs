@@ -310,15 +310,18 @@ impl GraphBuilder {
                 value: missing.clone(),
             });
         }
+        // An empty name leaves an optional output out, as ONNX allows.
         let mut fresh = HashSet::new();
         if let Some(dup) = outputs
             .iter()
+            .filter(|o| !o.is_empty())
             .find(|o| self.values.contains(*o) || !fresh.insert(*o))
         {
             return Err(BuildError::DuplicateValue(dup.clone()));
         }
         self.nodes.insert(node.name.clone());
-        self.values.extend(outputs.iter().cloned());
+        self.values
+            .extend(outputs.iter().filter(|o| !o.is_empty()).cloned());
         if !node.domain.is_empty() {
             self.domains.insert(node.domain.clone());
         }

@@ -259,22 +259,18 @@ pub fn build_decoder(
             ctx, cfg, inv_freq, &embeds, &mask, &positions,
         )?)
     };
-    let mut x = embeds;
+    let mut x = Residual {
+        base: embeds,
+        delta: None,
+    };
     let mut presents = Vec::with_capacity(cfg.num_layers);
     for (i, (pk, pv)) in pasts.iter().enumerate() {
-        let (y, present_k, present_v) = decoder_layer(ctx, cfg, i, &x, pk, pv, &shared)?;
+        let (y, present_k, present_v) = decoder_layer(ctx, cfg, i, x, pk, pv, &shared)?;
         presents.push((present_k, present_v));
         x = y;
     }
 
-    let x = nn::rms_norm(
-        ctx,
-        "/model/norm",
-        "model.norm",
-        &x,
-        cfg.hidden_size,
-        cfg.rms_norm_eps,
-    )?;
+    let (x, _) = norm_residual(ctx, "/model/norm", "model.norm", x, cfg)?;
     let x = match logits {
         Logits::All => x,
         Logits::Last => {
@@ -572,45 +568,11 @@ fn attention(
 }
 
 /// `LlamaMLP`: `down(silu(gate(x)) * up(x))`.
-///
-/// The `ort` flavor of a quantized decoder computes gate and up as one packed matrix, split after:
-/// ```text
-///   x ─MatMulNBits(gate|up)─Split(-1)─┬─silu─┐
-///                                     └──────Mul─down_proj─▶
-/// ```
 fn mlp(ctx: &mut Ctx<'_>, cfg: &TextConfig, layer: usize, x: &Value) -> Result<Value> {
     let key = format!("model.layers.{layer}.mlp");
     let (h, i, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
-    let (g, u) = if ctx.flavor == Flavor::Ort && ctx.quant.is_some() && !bias {
-        let gate_up = nn::packed_linear(
-            ctx,
-            "gate_up_proj",
-            &[
-                (&format!("{key}.gate_proj"), i),
-                (&format!("{key}.up_proj"), i),
-            ],
-            &format!("{key}.gate_up_proj.weight"),
-            x,
-            h,
-        )?;
-        let sizes = ctx
-            .b
-            .const_i64("gate_up_proj/split", &[i as i64, i as i64])?;
-        let parts = ctx
-            .b
-            .op("Split", "gate_up_proj/Split", &[&gate_up, &sizes])
-            .attr_int("axis", -1)
-            .build_n(2)?;
-        let [g, u]: [Value; 2] = parts
-            .try_into()
-            .map_err(|_| GraphError::Config("Split has two outputs".into()))?;
-        (g, u)
-    } else {
-        (
-            nn::linear(ctx, "gate_proj", &format!("{key}.gate_proj"), x, h, i, bias)?,
-            nn::linear(ctx, "up_proj", &format!("{key}.up_proj"), x, h, i, bias)?,
-        )
-    };
+    let g = nn::linear(ctx, "gate_proj", &format!("{key}.gate_proj"), x, h, i, bias)?;
+    let u = nn::linear(ctx, "up_proj", &format!("{key}.up_proj"), x, h, i, bias)?;
     let g = nn::silu(ctx, "act_fn", &g)?;
     let y = ctx.b.mul("Mul", &g, &u)?;
     nn::linear(
@@ -624,27 +586,82 @@ fn mlp(ctx: &mut Ctx<'_>, cfg: &TextConfig, layer: usize, x: &Value) -> Result<V
     )
 }
 
+/// The residual stream between blocks: `base + delta`. The portable graph adds at once
+/// (`delta` is `None`); the `ort` flavor leaves the addition to the next norm, which ONNX Runtime's
+/// `SkipSimplifiedLayerNormalization` fuses with it.
+struct Residual {
+    base: Value,
+    delta: Option<Value>,
+}
+
+/// `LlamaRMSNorm` of the residual stream: `(normed, base + delta)`.
+///
+/// ```text
+///   base ─┐
+///   delta ─SkipSimplifiedLayerNormalization(key.weight)─┬─▶ normed (output 0)
+///                                                       └─▶ base + delta (output 3)
+/// ```
+fn norm_residual(
+    ctx: &mut Ctx<'_>,
+    scope: &str,
+    key: &str,
+    r: Residual,
+    cfg: &TextConfig,
+) -> Result<(Value, Value)> {
+    let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+    let Some(delta) = r.delta else {
+        let normed = nn::rms_norm(ctx, scope, key, &r.base, h, eps)?;
+        return Ok((normed, r.base));
+    };
+    let weight = ctx.param(&format!("{key}.weight"), &[h])?;
+    ctx.b.push_scope(scope);
+    let names = [
+        ctx.b.scoped("SkipLayerNorm/output_0"),
+        String::new(),
+        String::new(),
+        ctx.b.scoped("SkipLayerNorm/output_3"),
+    ];
+    let outs = ctx
+        .b
+        .op(
+            "SkipSimplifiedLayerNormalization",
+            "SkipLayerNorm",
+            &[&r.base, &delta, &weight],
+        )
+        .domain("com.microsoft")
+        .attr_float("epsilon", eps as f32)
+        .output_names(&names.iter().map(String::as_str).collect::<Vec<_>>())
+        .build_n(4);
+    ctx.b.pop_scope();
+    let mut outs = outs?.into_iter();
+    match (outs.next(), outs.nth(2)) {
+        (Some(normed), Some(sum)) => Ok((normed, sum)),
+        _ => Err(GraphError::Config(
+            "SkipSimplifiedLayerNormalization has four outputs".into(),
+        )),
+    }
+}
+
 /// `LlamaDecoderLayer`: pre-norm attention and MLP with residuals.
 fn decoder_layer(
     ctx: &mut Ctx<'_>,
     cfg: &TextConfig,
     layer: usize,
-    x: &Value,
+    x: Residual,
     past_k: &Value,
     past_v: &Value,
     shared: &AttnShared,
-) -> Result<(Value, Value, Value)> {
+) -> Result<(Residual, Value, Value)> {
     let key = format!("model.layers.{layer}");
-    let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+    let fuse = matches!(shared, AttnShared::Gqa(_));
     ctx.b.push_scope(&format!("/model/layers.{layer}"));
     let r = (|| {
-        let n1 = nn::rms_norm(
+        let (n1, x) = norm_residual(
             ctx,
             "input_layernorm",
             &format!("{key}.input_layernorm"),
             x,
-            h,
-            eps,
+            cfg,
         )?;
         ctx.b.push_scope("attn");
         let a = match shared {
@@ -655,19 +672,39 @@ fn decoder_layer(
         };
         ctx.b.pop_scope();
         let (a, pk, pv) = a?;
-        let h1 = ctx.b.add("residual/Add", x, &a)?;
-        let n2 = nn::rms_norm(
+        let h1 = if fuse {
+            Residual {
+                base: x,
+                delta: Some(a),
+            }
+        } else {
+            Residual {
+                base: ctx.b.add("residual/Add", &x, &a)?,
+                delta: None,
+            }
+        };
+        let (n2, h1) = norm_residual(
             ctx,
             "post_attention_layernorm",
             &format!("{key}.post_attention_layernorm"),
-            &h1,
-            h,
-            eps,
+            h1,
+            cfg,
         )?;
         ctx.b.push_scope("mlp");
         let m = mlp(ctx, cfg, layer, &n2);
         ctx.b.pop_scope();
-        let y = ctx.b.add("residual/Add_1", &h1, &m?)?;
+        let m = m?;
+        let y = if fuse {
+            Residual {
+                base: h1,
+                delta: Some(m),
+            }
+        } else {
+            Residual {
+                base: ctx.b.add("residual/Add_1", &h1, &m)?,
+                delta: None,
+            }
+        };
         Ok((y, pk, pv))
     })();
     ctx.b.pop_scope();

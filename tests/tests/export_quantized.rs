@@ -219,8 +219,9 @@ fn quantized_linears_fuse_into_matmulnbits() {
 }
 
 /// The `ort` flavor emits `MatMulNBits` itself (no `DequantizeLinear` left for ONNX Runtime to fuse),
-/// packs q/k/v and gate/up, attends with `GroupQueryAttention`, and computes what the portable graph
-/// computes: logits and presents for the golden prefill, decode and chunk cases.
+/// packs q/k/v, attends with `GroupQueryAttention`, fuses residual additions into the norms, and
+/// computes what the portable graph computes: logits and presents for the golden prefill, decode and
+/// chunk cases.
 #[test]
 fn ort_flavor_emits_matmulnbits_and_matches_the_portable_graph() {
     let portable = exported_format(Layout::Merged, int_format("int4", 32));
@@ -239,12 +240,18 @@ fn ort_flavor_emits_matmulnbits_and_matches_the_portable_graph() {
         .graph
         .unwrap_or_default();
     let count = |op: &str| graph.node.iter().filter(|n| n.op_type == op).count();
-    // Per layer: packed q/k/v, o_proj, packed gate/up, down_proj; then the lm_head.
-    assert_eq!(count("MatMulNBits"), 4 * LAYERS + 1, "MatMulNBits nodes");
+    // Per layer: packed q/k/v, o_proj, gate, up, down; then the lm_head.
+    assert_eq!(count("MatMulNBits"), 5 * LAYERS + 1, "MatMulNBits nodes");
+    assert_eq!(count("GroupQueryAttention"), LAYERS, "GroupQueryAttention nodes");
+    // Every residual addition is fused into the norm after it: two per layer.
     assert_eq!(
-        count("GroupQueryAttention"),
-        LAYERS,
-        "GroupQueryAttention nodes"
+        count("SkipSimplifiedLayerNormalization"),
+        2 * LAYERS,
+        "SkipSimplifiedLayerNormalization nodes"
+    );
+    assert!(
+        !graph.node.iter().any(|n| n.name.contains("residual")),
+        "residual Adds left"
     );
     assert_eq!(count("DequantizeLinear"), 0);
     assert!(
