@@ -32,7 +32,9 @@ class Model:
         major = self.manifest.get("format", "").split(".")[0]
         if major != "carrot/1":
             raise SystemExit(f"{out}/carrot.json: format {self.manifest.get('format')!r}, this host reads carrot/1")
-        if self.manifest.get("kv_cache", "concat") != "concat":
+        # This host feeds present.* back as past.*; the `ort` flavor's "shared" graphs accept that too
+        # (binding one buffer as both is an optimisation, see docs/contract.md).
+        if self.manifest.get("kv_cache", "concat") not in ("concat", "shared"):
             raise SystemExit(f"kv_cache {self.manifest['kv_cache']!r}: this host feeds present.* back as past (concat)")
         act = self.manifest["activation_dtype"]
         if act not in ACTIVATION_DTYPES:

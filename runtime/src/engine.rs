@@ -558,17 +558,7 @@ impl Engine {
             .decoder
             .run(feeds)
             .map_err(|e| run_err("decoder.onnx", e))?;
-        let logits = outputs
-            .get(names::LOGITS)
-            .ok_or_else(|| run_err("decoder.onnx", "no logits"))?;
-        let (shape, data) = logits
-            .try_extract_tensor::<f32>()
-            .map_err(|e| run_err("logits", e))?;
-        let vocab = shape.last().copied().unwrap_or(0) as usize;
-        if vocab == 0 || data.len() < vocab || !data.len().is_multiple_of(vocab) {
-            return Err(run_err("logits", format!("unexpected shape {shape:?}")));
-        }
-        let result = read(data, vocab);
+        let result = read_logits(&outputs, read)?;
         let mut next = Vec::with_capacity(2 * layers);
         for name in &self.present_names {
             next.push(
@@ -606,6 +596,24 @@ impl Model for Engine {
     ) -> Result<Vec<f32>, BoxError> {
         Ok(self.run_step(cache, input)?)
     }
+}
+
+/// Hands the decoder's `logits` (`[rows, vocab]` float32) to `read` without copying them.
+pub(crate) fn read_logits<T>(
+    outputs: &ort::session::SessionOutputs<'_>,
+    read: impl FnOnce(&[f32], usize) -> T,
+) -> Result<T, EngineError> {
+    let logits = outputs
+        .get(names::LOGITS)
+        .ok_or_else(|| run_err("decoder.onnx", "no logits"))?;
+    let (shape, data) = logits
+        .try_extract_tensor::<f32>()
+        .map_err(|e| run_err("logits", e))?;
+    let vocab = shape.last().copied().unwrap_or(0) as usize;
+    if vocab == 0 || data.len() < vocab || !data.len().is_multiple_of(vocab) {
+        return Err(run_err("logits", format!("unexpected shape {shape:?}")));
+    }
+    Ok(read(data, vocab))
 }
 
 /// What a session runs, which decides how its threads behave.

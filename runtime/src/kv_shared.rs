@@ -112,15 +112,5 @@ pub fn run<T>(
     let outputs = decoder
         .run_binding(&binding)
         .map_err(|e| err("decoder.onnx", e))?;
-    let logits = outputs
-        .get(carrot_contract::names::LOGITS)
-        .ok_or_else(|| err("decoder.onnx", "no logits"))?;
-    let (shape, data) = logits
-        .try_extract_tensor::<f32>()
-        .map_err(|e| err("logits", e))?;
-    let vocab = shape.last().copied().unwrap_or(0) as usize;
-    if vocab == 0 || data.len() < vocab || !data.len().is_multiple_of(vocab) {
-        return Err(err("logits", format!("unexpected shape {shape:?}")));
-    }
-    Ok(read(data, vocab))
+    crate::engine::read_logits(&outputs, read)
 }

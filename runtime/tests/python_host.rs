@@ -218,3 +218,57 @@ fn python_host_matches_carrot_with_a_chat_template() {
     let mut pipeline = Pipeline::load(&out, &LoadOptions::default()).expect("loading the export");
     check(&python, &mut pipeline, &out, "llama_chat");
 }
+
+/// The `ort` flavor (int4, `kv_cache: "shared"`) under plain onnxruntime: the host feeds
+/// concatenated pasts to the graph `carrot` runs with one bound buffer per layer, and both pick the
+/// same tokens (quantized, so compared with each other rather than with the float golden).
+#[test]
+fn python_host_matches_carrot_on_the_ort_flavor() {
+    let Some(python) = python() else { return };
+    let tmp = tempfile::tempdir().expect("temporary directory");
+    let out = tmp.path().join("carrot-tiny-ort");
+    let plan = carrot_export::pipeline::ExportPlan {
+        model: workspace().join("fixtures/models/carrot-tiny"),
+        out: out.clone(),
+        base: None,
+        loras: Vec::new(),
+        vision_tower: None,
+        format: carrot_export::pipeline::WeightFormat::parse("int4").expect("int4"),
+        flavor: "ort".into(),
+        logits: Logits::Last,
+        force: false,
+        progress: false,
+    };
+    carrot_export::pipeline::export(&plan).unwrap_or_else(|e| panic!("ort flavor export: {e}"));
+    let tokenizer = carrot_runtime::demo::llama3_tokenizer_dir().expect("the Llama 3 tokenizer");
+    for leaf in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(tokenizer.join(leaf), out.join(leaf)).expect("copying the tokenizer");
+    }
+    let mut pipeline = Pipeline::load(&out, &LoadOptions::default()).expect("loading the export");
+    assert_eq!(pipeline.engine.manifest.kv_cache, "shared");
+    let record = golden("carrot_image");
+    let host = run_host(&python, &out, &record);
+    let images = [ImageSource::Path(
+        workspace()
+            .join("fixtures/images")
+            .join(record.image.as_deref().expect("an image")),
+    )];
+    let params = Params {
+        max_new_tokens: Some(record.output_ids.len()),
+        temperature: Some(0.0),
+        ..Params::default()
+    };
+    let prompt = Prompt::Text {
+        text: record.prompt().to_owned(),
+        raw: false,
+    };
+    let answer = pipeline
+        .generate(&prompt, &images, &params, |_| {})
+        .unwrap_or_else(|e| panic!("carrot: {e}"));
+    assert_eq!(host.prompt_ids, answer.prompt_ids, "prompt ids");
+    assert_eq!(
+        host.token_ids, answer.output.token_ids,
+        "Python host tokens vs carrot's"
+    );
+    assert_eq!(host.text, answer.output.text, "decoded text");
+}

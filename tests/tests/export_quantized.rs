@@ -242,7 +242,11 @@ fn ort_flavor_emits_matmulnbits_and_matches_the_portable_graph() {
     let count = |op: &str| graph.node.iter().filter(|n| n.op_type == op).count();
     // Per layer: packed q/k/v, o_proj, gate, up, down; then the lm_head.
     assert_eq!(count("MatMulNBits"), 5 * LAYERS + 1, "MatMulNBits nodes");
-    assert_eq!(count("GroupQueryAttention"), LAYERS, "GroupQueryAttention nodes");
+    assert_eq!(
+        count("GroupQueryAttention"),
+        LAYERS,
+        "GroupQueryAttention nodes"
+    );
     // Every residual addition is fused into the norm after it: two per layer.
     assert_eq!(
         count("SkipSimplifiedLayerNormalization"),
