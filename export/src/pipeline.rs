@@ -194,12 +194,12 @@ pub fn check_plan(plan: &ExportPlan) -> Result<(), PipelineError> {
             )));
         }
     }
-    if flavor(plan)? == Flavor::Ort && plan.format.quant().is_none() {
-        return Err(PipelineError::Plan(format!(
-            "--flavor ort needs --dtype int4 or int8 in this version (its linears are \
-             ONNX Runtime's MatMulNBits); export --dtype {} with --flavor portable",
-            plan.format.name()
-        )));
+    if flavor(plan)? == Flavor::Ort && plan.format == WeightFormat::Float(DType::BF16) {
+        return Err(PipelineError::Plan(
+            "--flavor ort takes --dtype fp32, fp16, int8 or int4 (ONNX Runtime's \
+             GroupQueryAttention has no bfloat16 kernel); export bf16 with --flavor portable"
+                .into(),
+        ));
     }
     if plan.out.exists() && !plan.force {
         return Err(out_exists(&plan.out));
@@ -468,8 +468,7 @@ fn build_manifest(plan: &ExportPlan, model: &ResolvedModel, dtype: DType) -> Man
     // The `ort` flavor's GroupQueryAttention writes into one buffer per layer bound as both past
     // and present (it keeps the portable attention, with concatenated caches, where its kernel
     // does not apply).
-    let shared_cache =
-        plan.flavor == "ort" && plan.format.quant().is_some() && carrot_graphs::gqa::supports(text);
+    let shared_cache = plan.flavor == "ort" && carrot_graphs::gqa::supports(text);
     let sampling = if gen_cfg.do_sample == Some(false) {
         (0.0, 1.0)
     } else {

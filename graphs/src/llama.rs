@@ -416,10 +416,10 @@ fn shared_inputs(
     })
 }
 
-/// The `ort` flavor of a quantized decoder attends with `GroupQueryAttention` where ONNX Runtime's
-/// kernel supports the head size.
+/// The `ort` flavor attends with `GroupQueryAttention` where ONNX Runtime's kernel supports the
+/// head size.
 fn uses_gqa(ctx: &Ctx<'_>, cfg: &TextConfig) -> bool {
-    ctx.flavor == Flavor::Ort && ctx.quant.is_some() && crate::gqa::supports(cfg)
+    ctx.flavor == Flavor::Ort && crate::gqa::supports(cfg)
 }
 
 /// `apply_rotary_pos_emb` for one tensor: `x·cos + rotate_half(x)·sin`,

@@ -251,9 +251,9 @@ impl Engine {
                 dir.display()
             )));
         }
-        if manifest.kv_cache == "shared" && act != ActDType::F32 {
+        if manifest.kv_cache == "shared" && act == ActDType::BF16 {
             return Err(EngineError::Unsupported(format!(
-                "{}: a shared KV cache is supported with float32 activations only (this export has {})",
+                "{}: a shared KV cache is supported with float32 or float16 activations (this export has {})",
                 dir.display(),
                 manifest.activation_dtype
             )));
@@ -417,8 +417,13 @@ impl Engine {
         let t = &self.manifest.text;
         if let (true, Some(max)) = (self.shared_cache(), self.manifest.max_sequence) {
             let capacity = max.min(crate::kv_shared::INITIAL_CAPACITY);
-            let values =
-                crate::kv_shared::allocate(t.num_layers, t.num_kv_heads, capacity, t.head_dim)?;
+            let values = crate::kv_shared::allocate(
+                self.act,
+                t.num_layers,
+                t.num_kv_heads,
+                capacity,
+                t.head_dim,
+            )?;
             return Ok(KvCache { values, len: 0 });
         }
         let mut values = Vec::with_capacity(2 * t.num_layers);
@@ -525,6 +530,7 @@ impl Engine {
                 let t = &self.manifest.text;
                 crate::kv_shared::grow(
                     &mut cache.values,
+                    self.act,
                     (t.num_kv_heads, t.head_dim),
                     input.past_len,
                     needed.max(2 * capacity).min(max),

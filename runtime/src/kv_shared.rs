@@ -6,11 +6,12 @@
 //! positions and double (one copy of the used positions) when a step would overflow them, up to
 //! the manifest's `max_sequence`, so a short conversation does not hold a full context's memory.
 
+use half::f16;
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::Session;
-use ort::value::{DynValue, Tensor};
+use ort::value::{DynValue, PrimitiveTensorElementType, Tensor};
 
-use crate::engine::EngineError;
+use crate::engine::{ActDType, EngineError};
 
 fn err(what: &str, e: impl std::fmt::Display) -> EngineError {
     EngineError::Run {
@@ -33,24 +34,25 @@ pub fn capacity(cache: &[DynValue]) -> usize {
 /// Grow every buffer to `new_capacity` positions, keeping the first `used` of each head.
 pub fn grow(
     cache: &mut [DynValue],
+    act: ActDType,
     (kv_heads, head_dim): (usize, usize),
     used: usize,
     new_capacity: usize,
 ) -> Result<(), EngineError> {
     let old_capacity = capacity(cache);
-    let mut grown = allocate(cache.len() / 2, kv_heads, new_capacity, head_dim)?;
+    let mut grown = allocate(act, cache.len() / 2, kv_heads, new_capacity, head_dim)?;
+    let shape = Shape {
+        kv_heads,
+        head_dim,
+        used,
+        old_capacity,
+        new_capacity,
+    };
     for (old, new) in cache.iter().zip(grown.iter_mut()) {
-        let (_, src) = old
-            .try_extract_tensor::<f32>()
-            .map_err(|e| err("KV cache", e))?;
-        let (_, dst) = new
-            .try_extract_tensor_mut::<f32>()
-            .map_err(|e| err("KV cache", e))?;
-        for h in 0..kv_heads {
-            let n = used * head_dim;
-            let from = h * old_capacity * head_dim;
-            let to = h * new_capacity * head_dim;
-            dst[to..to + n].copy_from_slice(&src[from..from + n]);
+        match act {
+            ActDType::F32 => copy_used::<f32>(old, new, &shape)?,
+            ActDType::F16 => copy_used::<f16>(old, new, &shape)?,
+            ActDType::BF16 => return Err(err("KV cache", "no shared cache for bfloat16")),
         }
     }
     for (slot, value) in cache.iter_mut().zip(grown) {
@@ -59,26 +61,62 @@ pub fn grow(
     Ok(())
 }
 
-/// `2 × layers` zero-filled float32 buffers `[1, kv_heads, max_sequence, head_dim]`, in decoder
-/// input order.
+struct Shape {
+    kv_heads: usize,
+    head_dim: usize,
+    used: usize,
+    old_capacity: usize,
+    new_capacity: usize,
+}
+
+fn copy_used<T: PrimitiveTensorElementType + Copy>(
+    old: &DynValue,
+    new: &mut DynValue,
+    s: &Shape,
+) -> Result<(), EngineError> {
+    let (_, src) = old
+        .try_extract_tensor::<T>()
+        .map_err(|e| err("KV cache", e))?;
+    let (_, dst) = new
+        .try_extract_tensor_mut::<T>()
+        .map_err(|e| err("KV cache", e))?;
+    let n = s.used * s.head_dim;
+    for h in 0..s.kv_heads {
+        let from = h * s.old_capacity * s.head_dim;
+        let to = h * s.new_capacity * s.head_dim;
+        dst[to..to + n].copy_from_slice(&src[from..from + n]);
+    }
+    Ok(())
+}
+
+/// `2 × layers` zero-filled buffers `[1, kv_heads, capacity, head_dim]` in the activation dtype,
+/// in decoder input order.
 pub fn allocate(
+    act: ActDType,
     layers: usize,
     kv_heads: usize,
-    max_sequence: usize,
+    capacity: usize,
     head_dim: usize,
 ) -> Result<Vec<DynValue>, EngineError> {
-    let allocator = Allocator::default();
     (0..2 * layers)
-        .map(|_| {
-            let mut t = Tensor::<f32>::new(&allocator, [1, kv_heads, max_sequence, head_dim])
-                .map_err(|e| err("KV cache", e))?;
-            let (_, data) = t
-                .try_extract_tensor_mut::<f32>()
-                .map_err(|e| err("KV cache", e))?;
-            data.fill(0.0);
-            Ok(t.into_dyn())
+        .map(|_| match act {
+            ActDType::F32 => zeros::<f32>([1, kv_heads, capacity, head_dim], 0.0),
+            ActDType::F16 => zeros::<f16>([1, kv_heads, capacity, head_dim], f16::ZERO),
+            ActDType::BF16 => Err(err("KV cache", "no shared cache for bfloat16")),
         })
         .collect()
+}
+
+fn zeros<T: PrimitiveTensorElementType + Copy + std::fmt::Debug>(
+    shape: [usize; 4],
+    zero: T,
+) -> Result<DynValue, EngineError> {
+    let mut t = Tensor::<T>::new(&Allocator::default(), shape).map_err(|e| err("KV cache", e))?;
+    let (_, data) = t
+        .try_extract_tensor_mut::<T>()
+        .map_err(|e| err("KV cache", e))?;
+    data.fill(zero);
+    Ok(t.into_dyn())
 }
 
 /// One decoder run with the cache bound in place. `inputs` are the non-cache inputs by name;

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
 use carrot_export::pipeline::{self, ExportPlan, ExportSummary, PipelineError, WeightFormat};
-use carrot_graphs::config::DType;
+use carrot_graphs::config::{DType, Flavor};
 use carrot_graphs::llama::Logits;
 use carrot_runtime::engine::{Engine, ImageFeatures, LoadOptions};
 use carrot_runtime::generate::{
@@ -181,21 +181,33 @@ pub fn exported(layout: Layout, dtype: DType) -> &'static Exported {
 
 /// Like [`exported`], for any weight format (quantized ones included).
 pub fn exported_format(layout: Layout, format: WeightFormat) -> &'static Exported {
-    static CACHE: OnceLock<Mutex<HashMap<(Layout, WeightFormat), &'static Exported>>> =
-        OnceLock::new();
+    exported_flavor(layout, format, Flavor::Portable)
+}
+
+/// Like [`exported_format`], in either graph flavor.
+pub fn exported_flavor(layout: Layout, format: WeightFormat, flavor: Flavor) -> &'static Exported {
+    type Key = (Layout, WeightFormat, Flavor);
+    static CACHE: OnceLock<Mutex<HashMap<Key, &'static Exported>>> = OnceLock::new();
     let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
     let mut cache = cache
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    if let Some(done) = cache.get(&(layout, format)) {
+    if let Some(done) = cache.get(&(layout, format, flavor)) {
         return done;
     }
     let block = format
         .quant()
         .map(|q| format!("-b{}", q.block_size))
         .unwrap_or_default();
-    let dir = export_root().join(format!("{}-{}{block}", layout.name(), format.name()));
-    let summary = pipeline::export(&layout.plan(&dir, format))
+    let dir = export_root().join(format!(
+        "{}-{}{block}-{}",
+        layout.name(),
+        format.name(),
+        flavor.manifest_name()
+    ));
+    let mut plan = layout.plan(&dir, format);
+    plan.flavor = flavor.manifest_name().into();
+    let summary = pipeline::export(&plan)
         .unwrap_or_else(|e| panic!("exporting {} as {}: {e}", layout.name(), format.name()));
     let done: &'static Exported = Box::leak(Box::new(Exported {
         layout,
@@ -204,7 +216,7 @@ pub fn exported_format(layout: Layout, format: WeightFormat) -> &'static Exporte
         dir,
         summary,
     }));
-    cache.insert((layout, format), done);
+    cache.insert((layout, format, flavor), done);
     done
 }
 

@@ -4,10 +4,12 @@
 use std::num::NonZeroUsize;
 use std::path::Path;
 
-use carrot_graphs::config::DType;
+use carrot_export::pipeline::WeightFormat;
+use carrot_graphs::config::{DType, Flavor};
 use carrot_runtime::generate::{self, GenerateOptions, Request, SamplingOptions, prompt_len};
 use carrot_tests::export_util::{
-    Goldens, IdText, Layout, exported, fixture_golden, greedy, load_engine, prompt_parts,
+    Goldens, IdText, Layout, exported, exported_flavor, fixture_golden, greedy, load_engine,
+    prompt_parts,
 };
 use serde_json::Value as Json;
 
@@ -130,9 +132,14 @@ fn generate_on(dir: &Path, rec: &Record) -> Vec<u32> {
 }
 
 fn reproduces(name: &str) {
+    reproduces_in(name, Flavor::Portable);
+}
+
+/// The record's greedy tokens from the fp32 export in `flavor`.
+fn reproduces_in(name: &str, flavor: Flavor) {
     let rec = record(name);
     let layout = layout_of(&rec);
-    let exp = exported(layout, DType::F32);
+    let exp = exported_flavor(layout, WeightFormat::Float(DType::F32), flavor);
     let manifest = carrot_contract::Manifest::read_dir(&exp.dir).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         Some(manifest.prompt.template.as_str()),
@@ -144,9 +151,25 @@ fn reproduces(name: &str) {
     assert_eq!(
         got,
         rec.output_ids,
-        "{name}: greedy tokens from the {} export differ from transformers",
-        layout.name()
+        "{name}: greedy tokens from the {} export ({} flavor) differ from transformers",
+        layout.name(),
+        flavor.manifest_name()
     );
+}
+
+/// The `ort` flavor in fp32 (fused attention, fused residual norms, shared KV cache) is
+/// token-exact with transformers on every record.
+#[test]
+fn ort_flavor_fp32_greedy_matches_reference_on_every_record() {
+    for name in [
+        "carrot_image",
+        "carrot_text",
+        "lora_image",
+        "llama_chat",
+        "llama_rslora_chat",
+    ] {
+        reproduces_in(name, Flavor::Ort);
+    }
 }
 
 #[test]
@@ -178,8 +201,19 @@ fn llama_rslora_chat_greedy_matches_reference() {
 /// tokens as the reference.
 #[test]
 fn carrot_image_chunked_prefill_matches_reference() {
+    chunked_prefill_matches_reference(Flavor::Portable);
+}
+
+/// The same through the `ort` flavor's shared KV cache (`GroupQueryAttention` on a chunk over a
+/// past).
+#[test]
+fn carrot_image_chunked_prefill_matches_reference_in_the_ort_flavor() {
+    chunked_prefill_matches_reference(Flavor::Ort);
+}
+
+fn chunked_prefill_matches_reference(flavor: Flavor) {
     let rec = record("carrot_image");
-    let exp = exported(Layout::Merged, DType::F32);
+    let exp = exported_flavor(Layout::Merged, WeightFormat::Float(DType::F32), flavor);
     let mut engine = load_engine(&exp.dir);
     let images = engine
         .encode_images(&pixel_values(&rec))

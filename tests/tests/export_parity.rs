@@ -4,10 +4,11 @@
 //! top-1 per position on the golden steps, with their max error reported.
 
 use carrot_contract::names;
-use carrot_graphs::config::DType;
+use carrot_export::pipeline::WeightFormat;
+use carrot_graphs::config::{DType, Flavor};
 use carrot_tests::export_util::{
-    Goldens, Layout, Output, allclose, argmax_rows, exported, float_value, golden_feeds, run,
-    run_golden, session,
+    Exported, Goldens, Layout, Output, allclose, argmax_rows, exported, exported_flavor,
+    float_value, golden_feeds, run, run_golden, session,
 };
 
 const ATOL: f32 = 1e-4;
@@ -81,6 +82,21 @@ fn compare_case(
 fn decoder_fp32_matches_reference_prefill_decode_chunk() {
     let goldens = Goldens::open("decoder.safetensors");
     let exp = exported(Layout::Merged, DType::F32);
+    let mut s = session(&exp.graph(names::DECODER_GRAPH));
+    let mut failures = Vec::new();
+    for case in ["prefill", "decode", "chunk"] {
+        let outputs = run_golden(&mut s, &goldens, case, DType::F32);
+        failures.extend(compare_case(case, &outputs, &goldens));
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The `ort` flavor's decoder (`GroupQueryAttention`, `SkipSimplifiedLayerNormalization`, packed
+/// q/k/v) in fp32, fed concatenated pasts, within the same tolerance of the reference.
+#[test]
+fn decoder_fp32_ort_flavor_matches_reference_prefill_decode_chunk() {
+    let goldens = Goldens::open("decoder.safetensors");
+    let exp = exported_flavor(Layout::Merged, WeightFormat::Float(DType::F32), Flavor::Ort);
     let mut s = session(&exp.graph(names::DECODER_GRAPH));
     let mut failures = Vec::new();
     for case in ["prefill", "decode", "chunk"] {
@@ -197,9 +213,13 @@ struct LowPrecisionRun {
 /// prefill → decode → chunk in `dtype`, each step on its own presents, as decoder_fp16.safetensors
 /// was made: argmax per position against its argmax, logits against the fp32 goldens.
 fn low_precision_chain(dtype: DType) -> LowPrecisionRun {
+    low_precision_chain_on(exported(Layout::Merged, dtype))
+}
+
+fn low_precision_chain_on(exp: &Exported) -> LowPrecisionRun {
+    let dtype = exp.dtype;
     let goldens = Goldens::open("decoder.safetensors");
     let fp16 = Goldens::open("decoder_fp16.safetensors");
-    let exp = exported(Layout::Merged, dtype);
     let mut s = session(&exp.graph(names::DECODER_GRAPH));
     let mut past: Option<std::collections::HashMap<String, Output>> = None;
     let mut result = LowPrecisionRun {
@@ -260,6 +280,22 @@ fn low_precision_chain(dtype: DType) -> LowPrecisionRun {
         past = Some(outputs);
     }
     result
+}
+
+#[test]
+fn decoder_fp16_ort_flavor_top1_matches_reference_fp16_run() {
+    let exp = exported_flavor(Layout::Merged, WeightFormat::Float(DType::F16), Flavor::Ort);
+    let r = low_precision_chain_on(exp);
+    eprintln!(
+        "fp16 ort-flavor decoder: argmax agrees at {}/{} positions; max abs error vs the fp32 goldens {:.3e}",
+        r.agree, r.positions, r.max_logit_error
+    );
+    assert_eq!(
+        r.agree,
+        r.positions,
+        "fp16 ort-flavor argmax differs from the reference fp16 run:\n{}",
+        r.details.join("\n")
+    );
 }
 
 #[test]

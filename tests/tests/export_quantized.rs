@@ -287,19 +287,19 @@ fn ort_flavor_emits_matmulnbits_and_matches_the_portable_graph() {
 }
 
 #[test]
-fn ort_flavor_of_a_float_export_is_refused() {
+fn ort_flavor_of_a_bf16_export_is_refused() {
     let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
     let out = tmp.path().join("out");
     let mut plan = Layout::Merged.plan(
         &out,
-        carrot_export::pipeline::WeightFormat::Float(DType::F16),
+        carrot_export::pipeline::WeightFormat::Float(DType::BF16),
     );
     plan.flavor = "ort".into();
     let msg = carrot_export::pipeline::export(&plan)
-        .expect_err("ort flavor in fp16")
+        .expect_err("ort flavor in bf16")
         .to_string();
     assert!(
-        msg.contains("--flavor ort") && msg.contains("int4"),
+        msg.contains("--flavor ort") && msg.contains("bfloat16"),
         "{msg}"
     );
     assert!(!out.exists());
@@ -307,43 +307,50 @@ fn ort_flavor_of_a_float_export_is_refused() {
 
 /// The `ort` flavor's manifest asks for a shared KV cache; the runtime's shared buffers (bound as
 /// past and present, grown past their first 256 positions) give the same greedy tokens as feeding
-/// the same graph concatenated caches.
+/// the same graph concatenated caches, for float32 (int4) and float16 activations.
 #[test]
 fn shared_kv_cache_generates_what_the_concatenating_cache_does() {
     let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
-    let shared = tmp.path().join("shared");
-    let mut plan = Layout::Merged.plan(&shared, int_format("int4", 32));
-    plan.flavor = "ort".into();
-    carrot_export::pipeline::export(&plan).unwrap_or_else(|e| panic!("ort flavor export: {e}"));
-    let manifest_path = shared.join(names::MANIFEST_FILE);
-    let text = std::fs::read_to_string(&manifest_path).unwrap_or_else(|e| panic!("{e}"));
-    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(json["kv_cache"], "shared");
-    assert_eq!(json["max_sequence"], 2048);
-
-    // The same graph, told to concatenate.
-    let concat = tmp.path().join("concat");
-    std::fs::create_dir(&concat).unwrap_or_else(|e| panic!("{e}"));
-    for entry in std::fs::read_dir(&shared)
-        .unwrap_or_else(|e| panic!("{e}"))
-        .flatten()
-    {
-        std::fs::copy(entry.path(), concat.join(entry.file_name()))
-            .unwrap_or_else(|e| panic!("{e}"));
-    }
-    json["kv_cache"] = "concat".into();
-    json.as_object_mut().map(|m| m.remove("max_sequence"));
-    std::fs::write(concat.join(names::MANIFEST_FILE), json.to_string())
-        .unwrap_or_else(|e| panic!("{e}"));
-
-    let prompt: Vec<i64> = vec![
-        128_000, 791, 4062, 14198, 39935, 35308, 927, 279, 16053, 5679, 13,
+    let formats = [
+        int_format("int4", 32),
+        carrot_export::pipeline::WeightFormat::Float(DType::F16),
     ];
-    let run = |dir: &std::path::Path| {
-        let mut engine = carrot_tests::export_util::load_engine(dir);
-        carrot_tests::export_util::greedy(&mut engine, &prompt, &[], 300, &[])
-    };
-    let (a, b) = (run(&shared), run(&concat));
-    assert_eq!(a.len(), 300);
-    assert_eq!(a, b, "shared vs concatenated KV cache");
+    for format in formats {
+        let shared = tmp.path().join(format!("shared-{}", format.name()));
+        let mut plan = Layout::Merged.plan(&shared, format);
+        plan.flavor = "ort".into();
+        carrot_export::pipeline::export(&plan).unwrap_or_else(|e| panic!("ort flavor export: {e}"));
+        let manifest_path = shared.join(names::MANIFEST_FILE);
+        let text = std::fs::read_to_string(&manifest_path).unwrap_or_else(|e| panic!("{e}"));
+        let mut json: serde_json::Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(json["kv_cache"], "shared");
+        assert_eq!(json["max_sequence"], 2048);
+
+        // The same graph, told to concatenate.
+        let concat = tmp.path().join(format!("concat-{}", format.name()));
+        std::fs::create_dir(&concat).unwrap_or_else(|e| panic!("{e}"));
+        for entry in std::fs::read_dir(&shared)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .flatten()
+        {
+            std::fs::copy(entry.path(), concat.join(entry.file_name()))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        json["kv_cache"] = "concat".into();
+        json.as_object_mut().map(|m| m.remove("max_sequence"));
+        std::fs::write(concat.join(names::MANIFEST_FILE), json.to_string())
+            .unwrap_or_else(|e| panic!("{e}"));
+
+        let prompt: Vec<i64> = vec![
+            128_000, 791, 4062, 14198, 39935, 35308, 927, 279, 16053, 5679, 13,
+        ];
+        let run = |dir: &std::path::Path| {
+            let mut engine = carrot_tests::export_util::load_engine(dir);
+            carrot_tests::export_util::greedy(&mut engine, &prompt, &[], 300, &[])
+        };
+        let (a, b) = (run(&shared), run(&concat));
+        assert_eq!(a.len(), 300);
+        assert_eq!(a, b, "{}: shared vs concatenated KV cache", format.name());
+    }
 }
