@@ -1,13 +1,14 @@
 //! The commands each contender runs, and the parsing of what they print.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use anyhow::Context;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::child::{self, Finished};
+use crate::weights::GraphWeights;
 
 /// Everything the commands need, resolved and checked before anything runs.
 #[derive(Debug, Clone)]
@@ -26,8 +27,10 @@ pub struct Setup {
     pub block_size: usize,
     /// carrot-export's `--flavor`.
     pub flavor: String,
-    /// The text both runtimes score for perplexity.
+    /// The text every runtime scores for perplexity.
     pub text: PathBuf,
+    /// The model as a GGUF for llama.cpp; `None` when llama.cpp is skipped.
+    pub gguf: Option<PathBuf>,
 }
 
 impl Setup {
@@ -46,6 +49,14 @@ impl Setup {
 
     fn log(&self, name: &str) -> PathBuf {
         self.work.join("logs").join(format!("{name}.stderr"))
+    }
+
+    /// The runtimes that generate: all of them, less llama.cpp when it is skipped.
+    pub fn runtimes(&self) -> Vec<Runtime> {
+        Runtime::ALL
+            .into_iter()
+            .filter(|&r| r != Runtime::LlamaCpp || self.gguf.is_some())
+            .collect()
     }
 
     /// A command with the thread count pinned for every library that reads it from the environment.
@@ -134,18 +145,57 @@ pub enum Runtime {
     Ogenai,
     #[serde(rename = "transformers")]
     Transformers,
+    /// llama.cpp (llama-cpp-python) on the GGUF as shipped, in its own quantization.
+    #[serde(rename = "llama.cpp")]
+    LlamaCpp,
 }
 
 impl Runtime {
-    pub const ALL: [Runtime; 3] = [Runtime::Carrot, Runtime::Ogenai, Runtime::Transformers];
+    pub const ALL: [Runtime; 4] = [
+        Runtime::Carrot,
+        Runtime::Ogenai,
+        Runtime::Transformers,
+        Runtime::LlamaCpp,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Runtime::Carrot => "carrot",
             Runtime::Ogenai => "onnxruntime-genai",
             Runtime::Transformers => "transformers",
+            Runtime::LlamaCpp => "llama.cpp",
         }
     }
+}
+
+/// Whether `import llama_cpp` works in the setup's Python.
+pub fn llamacpp_importable(s: &Setup) -> bool {
+    let mut cmd = s.command(&s.python);
+    cmd.args(["-c", "import llama_cpp"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    cmd.status().is_ok_and(|st| st.success())
+}
+
+/// What the GGUF holds: its file type (`Q4_1`, ...) and the weight bytes llama.cpp reads.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GgufWeights {
+    pub file_type: String,
+    #[serde(flatten)]
+    pub weights: GraphWeights,
+}
+
+/// Read the GGUF's tensor table (with the `gguf` package, in a child).
+pub fn gguf_weights(s: &Setup, gguf: &Path) -> anyhow::Result<GgufWeights> {
+    let mut cmd = s.command(&s.python);
+    cmd.arg(s.peers_dir.join("llamacpp_generate.py"))
+        .arg("--model")
+        .arg(gguf)
+        .arg("--weights");
+    let f = child::run(&mut cmd, &s.log("weights-gguf"))?;
+    let line = json_line(&f).context("llamacpp_generate.py --weights printed no JSON")?;
+    serde_json::from_str(line).with_context(|| format!("reading the GGUF's weights from {line}"))
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -187,10 +237,14 @@ pub fn generate(s: &Setup, who: Runtime, round: usize) -> anyhow::Result<Generat
             ]);
             cmd
         }
-        Runtime::Ogenai | Runtime::Transformers => {
+        Runtime::Ogenai | Runtime::Transformers | Runtime::LlamaCpp => {
             let (script, model) = match who {
                 Runtime::Ogenai => ("ogenai_generate.py", s.ogenai_out()),
-                _ => ("hf_generate.py", s.hf_dir.clone()),
+                Runtime::Transformers => ("hf_generate.py", s.hf_dir.clone()),
+                _ => (
+                    "llamacpp_generate.py",
+                    s.gguf.clone().context("llama.cpp runs without a GGUF")?,
+                ),
             };
             let mut cmd = s.command(&s.python);
             cmd.arg(s.peers_dir.join(script)).arg("--model").arg(model);
@@ -211,11 +265,28 @@ pub fn generate(s: &Setup, who: Runtime, round: usize) -> anyhow::Result<Generat
         .with_context(|| format!("{} printed no usable JSON: {}", who.name(), f.stdout.trim()))
 }
 
-/// Perplexity of the exporter's output on the setup's text, the whole text in one window.
-pub fn perplexity(s: &Setup, who: Exporter) -> anyhow::Result<f64> {
+/// Who scores the perplexity text: an exporter's output in its own runtime, or llama.cpp on the
+/// GGUF.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scorer {
+    Export(Exporter),
+    LlamaCpp,
+}
+
+impl Scorer {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scorer::Export(e) => e.name(),
+            Scorer::LlamaCpp => Runtime::LlamaCpp.name(),
+        }
+    }
+}
+
+/// Perplexity on the setup's text, the whole text in one window.
+pub fn perplexity(s: &Setup, who: Scorer) -> anyhow::Result<f64> {
     let threads = s.threads.to_string();
     let mut cmd = match who {
-        Exporter::Carrot => {
+        Scorer::Export(Exporter::Carrot) => {
             let mut cmd = s.command(&s.bin_dir.join("carrot"));
             cmd.arg("perplexity")
                 .arg("--model")
@@ -225,7 +296,7 @@ pub fn perplexity(s: &Setup, who: Exporter) -> anyhow::Result<f64> {
                 .args(["--context", "1000000", "--json", "--threads", &threads]);
             cmd
         }
-        Exporter::OgenaiBuilder => {
+        Scorer::Export(Exporter::OgenaiBuilder) => {
             let mut cmd = s.command(&s.python);
             cmd.arg(s.peers_dir.join("ogenai_perplexity.py"))
                 .arg("--model")
@@ -235,27 +306,35 @@ pub fn perplexity(s: &Setup, who: Exporter) -> anyhow::Result<f64> {
                 .args(["--context", "full", "--json", "--threads", &threads]);
             cmd
         }
+        Scorer::LlamaCpp => {
+            let mut cmd = s.command(&s.python);
+            cmd.arg(s.peers_dir.join("llamacpp_generate.py"))
+                .arg("--model")
+                .arg(s.gguf.as_ref().context("llama.cpp runs without a GGUF")?)
+                .arg("--perplexity")
+                .arg(&s.text)
+                .args(["--threads", &threads]);
+            cmd
+        }
     };
     let f = child::run(&mut cmd, &s.log(&format!("perplexity-{}", who.name())))?;
-    let line = f
-        .stdout
-        .lines()
-        .rev()
-        .find(|l| l.trim_start().starts_with('{'))
-        .with_context(|| format!("{} printed no JSON", who.name()))?;
+    let line = json_line(&f).with_context(|| format!("{} printed no JSON", who.name()))?;
     let v: Value = serde_json::from_str(line)?;
     v.get("perplexity")
         .and_then(Value::as_f64)
         .with_context(|| format!("{} printed no perplexity: {line}", who.name()))
 }
 
-fn parse_generate(who: Runtime, f: &Finished) -> anyhow::Result<GenerateRun> {
-    let line = f
-        .stdout
+/// The last line of the child's stdout that holds a JSON object.
+fn json_line(f: &Finished) -> Option<&str> {
+    f.stdout
         .lines()
         .rev()
         .find(|l| l.trim_start().starts_with('{'))
-        .context("no JSON line")?;
+}
+
+fn parse_generate(who: Runtime, f: &Finished) -> anyhow::Result<GenerateRun> {
+    let line = json_line(f).context("no JSON line")?;
     let v: Value = serde_json::from_str(line)?;
     let timings = if who == Runtime::Carrot {
         v.get("timings").context("no timings")?

@@ -1,6 +1,6 @@
-//! `carrot-bench`: carrot side by side with onnxruntime-genai and transformers on one machine, in
-//! one run. Exports with both exporters, generates with all three runtimes, measures the memory
-//! read bandwidth, prints a table of medians and ratios and writes it as JSON.
+//! `carrot-bench`: carrot side by side with onnxruntime-genai, transformers and llama.cpp on one
+//! machine, in one run. Exports with both exporters, generates with every runtime, measures the
+//! memory read bandwidth, prints a table of medians and ratios and writes it as JSON.
 
 mod bandwidth;
 mod child;
@@ -15,19 +15,20 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
-use contenders::{Exporter, Runtime, Setup};
+use contenders::{Exporter, Runtime, Scorer, Setup};
 use report::{Bandwidth, ExportSummary, GenerateSummary, Machine, Results, SetupInfo, Weights};
 
 #[derive(Parser, Debug)]
 #[command(
     name = "carrot-bench",
-    about = "carrot vs onnxruntime-genai vs transformers: export, generation and perplexity on CPU"
+    about = "carrot vs onnxruntime-genai, transformers and llama.cpp: export, generation and perplexity on CPU"
 )]
 struct Cli {
     /// Hugging Face model directory (default: .cache/smollm2-135m-instruct).
     #[arg(long, value_name = "DIR")]
     model: Option<PathBuf>,
-    /// Python with onnxruntime-genai, transformers and torch (default: .venv-bench/bin/python).
+    /// Python with onnxruntime-genai, transformers, torch and llama-cpp-python (default:
+    /// .venv-bench/bin/python).
     #[arg(long, value_name = "PATH")]
     python: Option<PathBuf>,
     /// Where carrot-export and carrot are (default: target/release).
@@ -59,6 +60,13 @@ struct Cli {
     /// carrot-export's graph flavor (`ort` needs --dtype int8 or int4).
     #[arg(long, default_value = "portable", value_parser = ["portable", "ort"])]
     flavor: String,
+    /// The same model as a GGUF, run by llama.cpp in its own quantization (default:
+    /// .cache/smollm2-gguf/SmolLM2-135M-Instruct.Q4_1.gguf).
+    #[arg(long, value_name = "PATH")]
+    gguf: Option<PathBuf>,
+    /// Leave llama.cpp out (it is also left out, with a note, when --python cannot import llama_cpp).
+    #[arg(long)]
+    no_llamacpp: bool,
     /// Bytes of the bandwidth buffer.
     #[arg(long, default_value_t = 1 << 30)]
     bandwidth_bytes: usize,
@@ -133,6 +141,7 @@ fn plan(cli: &Cli) -> anyhow::Result<Setup> {
         block_size: cli.block_size,
         flavor: cli.flavor.clone(),
         text: root.join("fixtures/perplexity/text.txt"),
+        gguf: None,
     };
     if cli.runs == 0 || cli.threads == 0 || cli.new_tokens < 2 {
         bail!("--runs and --threads must be at least 1, --new-tokens at least 2");
@@ -158,7 +167,32 @@ fn plan(cli: &Cli) -> anyhow::Result<Setup> {
     }
     std::fs::create_dir_all(setup.work.join("logs"))
         .with_context(|| format!("creating {}", setup.work.display()))?;
-    Ok(setup)
+    if cli.no_llamacpp {
+        return Ok(setup);
+    }
+    let gguf = cli
+        .gguf
+        .clone()
+        .unwrap_or_else(|| root.join(".cache/smollm2-gguf/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    for path in [&gguf, &setup.peers_dir.join("llamacpp_generate.py")] {
+        if !path.exists() {
+            bail!(
+                "{} is missing (scripts/bench.sh fetches it; --gguf PATH, or --no-llamacpp)",
+                path.display()
+            );
+        }
+    }
+    if !contenders::llamacpp_importable(&setup) {
+        say(&format!(
+            "llama.cpp skipped: {} cannot import llama_cpp (pip install -r bench/peers/requirements.txt)",
+            setup.python.display()
+        ));
+        return Ok(setup);
+    }
+    Ok(Setup {
+        gguf: Some(gguf),
+        ..setup
+    })
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -206,13 +240,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let weights = Weights {
         carrot_decoder: weights::measure(&setup.carrot_out().join("decoder.onnx"))?,
         ogenai_model: weights::measure(&setup.ogenai_out().join("model.onnx"))?,
+        llamacpp_gguf: match &setup.gguf {
+            Some(gguf) => Some(contenders::gguf_weights(&setup, gguf)?),
+            None => None,
+        },
     };
 
-    let mut gens: Vec<Vec<_>> = vec![Vec::new(); Runtime::ALL.len()];
+    let runtimes = setup.runtimes();
+    let mut gens: Vec<Vec<_>> = vec![Vec::new(); runtimes.len()];
     for round in 0..cli.runs {
-        for k in 0..Runtime::ALL.len() {
-            let i = (k + round) % Runtime::ALL.len();
-            let who = Runtime::ALL[i];
+        for k in 0..runtimes.len() {
+            let i = (k + round) % runtimes.len();
+            let who = runtimes[i];
             say(&format!(
                 "generate {}/{}: {}",
                 round + 1,
@@ -224,16 +263,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         say("memory read bandwidth");
         samples.push(bandwidth(threads)?);
     }
+    let read_gb_s = samples.iter().copied().fold(0.0, f64::max);
+    let limit_tok_s = read_gb_s * 1e9 / weights.carrot_decoder.per_token_bytes as f64;
+    let gguf_label = weights
+        .llamacpp_gguf
+        .as_ref()
+        .map_or_else(String::new, |g| format!("llama.cpp ({} GGUF)", g.file_type));
+    let label = |who: Runtime| match who {
+        Runtime::LlamaCpp => gguf_label.clone(),
+        _ => who.name().to_string(),
+    };
+    let limit = |who: Runtime| match (who, &weights.llamacpp_gguf) {
+        (Runtime::LlamaCpp, Some(g)) => read_gb_s * 1e9 / g.weights.per_token_bytes as f64,
+        _ => limit_tok_s,
+    };
+
+    let mut scorers: Vec<Scorer> = Exporter::ALL.into_iter().map(Scorer::Export).collect();
+    if setup.gguf.is_some() {
+        scorers.push(Scorer::LlamaCpp);
+    }
     let mut perplexity = Vec::new();
-    for who in Exporter::ALL {
+    for who in scorers {
         say(&format!("perplexity: {}", who.name()));
         perplexity.push(report::Perplexity {
-            exporter: who,
+            label: match who {
+                Scorer::Export(e) => e.name().to_string(),
+                Scorer::LlamaCpp => label(Runtime::LlamaCpp),
+            },
             perplexity: contenders::perplexity(&setup, who)?,
         });
     }
-    let read_gb_s = samples.iter().copied().fold(0.0, f64::max);
-    let limit_tok_s = read_gb_s * 1e9 / weights.carrot_decoder.per_token_bytes as f64;
 
     let export: Vec<ExportSummary> = Exporter::ALL
         .into_iter()
@@ -245,10 +304,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .and_then(|g| g.first())
         .map(|r| r.token_ids.clone())
         .unwrap_or_default();
-    let generation: Vec<GenerateSummary> = Runtime::ALL
+    let generation: Vec<GenerateSummary> = runtimes
         .into_iter()
         .zip(gens)
-        .map(|(w, r)| GenerateSummary::new(w, r, limit_tok_s, &carrot_tokens))
+        .map(|(w, r)| GenerateSummary::new(w, label(w), r, limit(w), &carrot_tokens))
         .collect();
     let results = Results {
         machine: Machine {

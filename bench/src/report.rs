@@ -4,7 +4,7 @@ use std::fmt::Write;
 
 use serde::Serialize;
 
-use crate::contenders::{ExportRun, Exporter, GenerateRun, Runtime};
+use crate::contenders::{ExportRun, Exporter, GenerateRun, GgufWeights, Runtime};
 use crate::stats::median;
 use crate::weights::GraphWeights;
 
@@ -14,7 +14,8 @@ pub struct Results {
     pub setup: SetupInfo,
     pub bandwidth: Bandwidth,
     pub weights: Weights,
-    /// Bandwidth ÷ the bytes carrot's decoder reads per token.
+    /// Bandwidth ÷ the bytes carrot's decoder reads per token (llama.cpp's own limit is in its
+    /// generation summary).
     pub limit_tok_s: f64,
     pub export: Vec<ExportSummary>,
     pub generation: Vec<GenerateSummary>,
@@ -22,11 +23,11 @@ pub struct Results {
     pub ratios: Vec<Ratio>,
 }
 
-/// Perplexity of one exporter's output on `fixtures/perplexity/text.txt` (one window), scored by
-/// its own runtime.
+/// Perplexity on `fixtures/perplexity/text.txt` (one window): an exporter's output scored by its
+/// own runtime (labelled by the exporter), or llama.cpp on the GGUF (labelled by the runtime).
 #[derive(Debug, Serialize)]
 pub struct Perplexity {
-    pub exporter: Exporter,
+    pub label: String,
     pub perplexity: f64,
 }
 
@@ -63,6 +64,8 @@ pub struct Bandwidth {
 pub struct Weights {
     pub carrot_decoder: GraphWeights,
     pub ogenai_model: GraphWeights,
+    /// The GGUF llama.cpp runs; absent when llama.cpp is skipped.
+    pub llamacpp_gguf: Option<GgufWeights>,
 }
 
 #[derive(Debug, Serialize)]
@@ -87,10 +90,15 @@ impl ExportSummary {
 #[derive(Debug, Serialize)]
 pub struct GenerateSummary {
     pub runtime: Runtime,
+    /// The runtime's name, with the weight format where it is not the setup's.
+    pub label: String,
     pub load_ms: f64,
     pub prefill_ms: f64,
     pub decode_tok_s: f64,
     pub peak_rss_mb: f64,
+    /// Bandwidth ÷ the bytes this runtime's weights read per token (carrot's decoder for the ONNX
+    /// runtimes and transformers, the GGUF for llama.cpp).
+    pub limit_tok_s: f64,
     pub percent_of_limit: f64,
     pub prompt_tokens: usize,
     /// Index of the first generated token that differs from carrot's; `None` when all agree.
@@ -101,6 +109,7 @@ pub struct GenerateSummary {
 impl GenerateSummary {
     pub fn new(
         runtime: Runtime,
+        label: String,
         runs: Vec<GenerateRun>,
         limit_tok_s: f64,
         carrot_tokens: &[u64],
@@ -114,10 +123,12 @@ impl GenerateSummary {
             .find(|&i| tokens.get(i) != carrot_tokens.get(i));
         Self {
             runtime,
+            label,
             load_ms: median(runs.iter().map(|r| r.load_ms)),
             prefill_ms: median(runs.iter().map(|r| r.prefill_ms)),
             decode_tok_s,
             peak_rss_mb: median(runs.iter().map(|r| r.peak_rss_mb)),
+            limit_tok_s,
             percent_of_limit: 100.0 * decode_tok_s / limit_tok_s,
             prompt_tokens: runs.first().map_or(0, |r| r.prompt_tokens),
             first_difference_from_carrot,
@@ -131,7 +142,7 @@ impl GenerateSummary {
 #[derive(Debug, Serialize)]
 pub struct Ratio {
     pub metric: &'static str,
-    pub peer: &'static str,
+    pub peer: String,
     pub carrot: f64,
     pub peer_value: f64,
     pub ratio: f64,
@@ -143,10 +154,10 @@ pub fn ratios(
     perplexity: &[Perplexity],
 ) -> Vec<Ratio> {
     let mut out = Vec::new();
-    let mut push = |metric, peer, carrot: f64, peer_value: f64| {
+    let mut push = |metric, peer: &str, carrot: f64, peer_value: f64| {
         out.push(Ratio {
             metric,
-            peer,
+            peer: peer.to_string(),
             carrot,
             peer_value,
             ratio: carrot / peer_value,
@@ -165,16 +176,11 @@ pub fn ratios(
     }
     if let [c, peers @ ..] = generation {
         for p in peers {
-            push("prefill ms", p.runtime.name(), c.prefill_ms, p.prefill_ms);
-            push(
-                "decode tok/s",
-                p.runtime.name(),
-                c.decode_tok_s,
-                p.decode_tok_s,
-            );
+            push("prefill ms", &p.label, c.prefill_ms, p.prefill_ms);
+            push("decode tok/s", &p.label, c.decode_tok_s, p.decode_tok_s);
             push(
                 "generate peak RSS MB",
-                p.runtime.name(),
+                &p.label,
                 c.peak_rss_mb,
                 p.peak_rss_mb,
             );
@@ -182,7 +188,7 @@ pub fn ratios(
     }
     if let [c, peers @ ..] = perplexity {
         for p in peers {
-            push("perplexity", p.exporter.name(), c.perplexity, p.perplexity);
+            push("perplexity", &p.label, c.perplexity, p.perplexity);
         }
     }
     out
@@ -243,7 +249,7 @@ pub fn table(r: &Results) -> String {
         let _ = writeln!(
             s,
             "| {} | {} | {:.0} | {:.1} | {:.1} ({lo:.1}–{hi:.1}) | {:.0} % | {:.0} | {} |",
-            g.runtime.name(),
+            g.label,
             g.prompt_tokens,
             g.load_ms,
             g.prefill_ms,
@@ -258,7 +264,7 @@ pub fn table(r: &Results) -> String {
             let _ = writeln!(
                 s,
                 "| carrot ÷ {} | | {:.2}× | {:.2}× | {:.2}× | | {:.2}× | |",
-                p.runtime.name(),
+                p.label,
                 c.load_ms / p.load_ms,
                 c.prefill_ms / p.prefill_ms,
                 c.decode_tok_s / p.decode_tok_s,
@@ -273,7 +279,7 @@ pub fn table(r: &Results) -> String {
         u.dtype
     );
     for p in &r.perplexity {
-        let _ = writeln!(s, "| {} | {:.4} |", p.exporter.name(), p.perplexity);
+        let _ = writeln!(s, "| {} | {:.4} |", p.label, p.perplexity);
     }
 
     let b = &r.bandwidth;
@@ -295,5 +301,18 @@ pub fn table(r: &Results) -> String {
         w.ogenai_model.total_bytes as f64 / 1e6,
         w.ogenai_model.lm_head_bytes as f64 / 1e6,
     );
+    let llamacpp = r.generation.iter().find(|g| g.runtime == Runtime::LlamaCpp);
+    if let (Some(g), Some(gguf)) = (llamacpp, &w.llamacpp_gguf) {
+        let _ = writeln!(
+            s,
+            "{} reads {:.0} MB of the GGUF's {:.0} MB per token (lm_head {:.0} MB), so its decode ≤ {:.1} tok/s; \
+             its % of limit is of that.",
+            g.label,
+            gguf.weights.per_token_bytes as f64 / 1e6,
+            gguf.weights.total_bytes as f64 / 1e6,
+            gguf.weights.lm_head_bytes as f64 / 1e6,
+            g.limit_tok_s,
+        );
+    }
     s
 }

@@ -9,9 +9,9 @@ use std::path::Path;
 use anyhow::Context;
 use carrot_graphs::onnx::{ModelProto, TensorProto, tensor_proto::DataType};
 use prost::Message;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GraphWeights {
     /// Bytes of all initializers.
     pub total_bytes: u64,
