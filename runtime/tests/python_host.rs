@@ -146,11 +146,8 @@ fn run_host(python: &Path, model: &Path, record: &Record) -> HostOutput {
         .unwrap_or_else(|e| panic!("host output is not the JSON object ({e}):\n{stdout}\n{stderr}"))
 }
 
-/// Run `record` through the Python host and through `Pipeline`, and compare both with the golden.
-fn check(python: &Path, pipeline: &mut Pipeline, model: &Path, name: &str) {
-    let record = golden(name);
-    let host = run_host(python, model, &record);
-
+/// `record`'s prompt (and image) through `Pipeline`, greedily, as many tokens as the golden has.
+fn carrot_answer(pipeline: &mut Pipeline, record: &Record) -> carrot_runtime::pipeline::Answer {
     let images: Vec<ImageSource> = record
         .image
         .iter()
@@ -165,9 +162,16 @@ fn check(python: &Path, pipeline: &mut Pipeline, model: &Path, name: &str) {
         text: record.prompt().to_owned(),
         raw: false,
     };
-    let answer = pipeline
+    pipeline
         .generate(&prompt, &images, &params, |_| {})
-        .unwrap_or_else(|e| panic!("{name}: carrot: {e}"));
+        .unwrap_or_else(|e| panic!("carrot: {e}"))
+}
+
+/// Run `record` through the Python host and through `Pipeline`, and compare both with the golden.
+fn check(python: &Path, pipeline: &mut Pipeline, model: &Path, name: &str) {
+    let record = golden(name);
+    let host = run_host(python, model, &record);
+    let answer = carrot_answer(pipeline, &record);
 
     assert_eq!(
         host.prompt_ids, record.input_ids,

@@ -78,10 +78,10 @@ fn compare_case(
     failures
 }
 
-#[test]
-fn decoder_fp32_matches_reference_prefill_decode_chunk() {
+/// The fp32 decoder of `exp` on the golden prefill, decode and chunk cases (each on the golden
+/// past), every output within the fp32 tolerance.
+fn decoder_matches_reference(exp: &Exported) {
     let goldens = Goldens::open("decoder.safetensors");
-    let exp = exported(Layout::Merged, DType::F32);
     let mut s = session(&exp.graph(names::DECODER_GRAPH));
     let mut failures = Vec::new();
     for case in ["prefill", "decode", "chunk"] {
@@ -91,19 +91,20 @@ fn decoder_fp32_matches_reference_prefill_decode_chunk() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+#[test]
+fn decoder_fp32_matches_reference_prefill_decode_chunk() {
+    decoder_matches_reference(exported(Layout::Merged, DType::F32));
+}
+
 /// The `ort` flavor's decoder (`GroupQueryAttention`, `SkipSimplifiedLayerNormalization`, packed
 /// q/k/v) in fp32, fed concatenated pasts, within the same tolerance of the reference.
 #[test]
 fn decoder_fp32_ort_flavor_matches_reference_prefill_decode_chunk() {
-    let goldens = Goldens::open("decoder.safetensors");
-    let exp = exported_flavor(Layout::Merged, WeightFormat::Float(DType::F32), Flavor::Ort);
-    let mut s = session(&exp.graph(names::DECODER_GRAPH));
-    let mut failures = Vec::new();
-    for case in ["prefill", "decode", "chunk"] {
-        let outputs = run_golden(&mut s, &goldens, case, DType::F32);
-        failures.extend(compare_case(case, &outputs, &goldens));
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    decoder_matches_reference(exported_flavor(
+        Layout::Merged,
+        WeightFormat::Float(DType::F32),
+        Flavor::Ort,
+    ));
 }
 
 /// prefill → decode → chunk on the graph's own presents gives the golden logits too.
