@@ -69,7 +69,8 @@ done
 
 if [[ "${SYNTH_8B:-0}" == 1 ]]; then
   "$BIN/synth_carrot" --out "$WORK/carrot-8b" >/dev/null 2>&1 || say "8B: FAIL synth_carrot"
-  "$BIN/carrot-export" --model "$WORK/carrot-8b" --out "$WORK/carrot-8b-int4-ort" --dtype int4 --flavor ort -q >/dev/null
+  "$BIN/carrot-export" --model "$WORK/carrot-8b" --out "$WORK/carrot-8b-int4-ort" --dtype int4 --flavor ort -q \
+    >/dev/null 2>"$WORK/8b-export.err" || say "8B: FAIL export: $(tail -1 "$WORK/8b-export.err")"
   rm -rf "$WORK/carrot-8b"
   if generate "$WORK/carrot-8b-int4-ort" "$DEVICE" 64 >"$WORK/8b.json" 2>"$WORK/8b.err"; then
     python3 - "$WORK/8b.json" "$WORK/carrot-8b-int4-ort/decoder.onnx.data" <<'PY'
