@@ -195,6 +195,9 @@ pub struct LoadOptions {
     pub cache_dir: Option<PathBuf>,
     /// Refuse a CPU load that would not fit in memory (see [`crate::memory`]).
     pub memory_limit: MemoryLimit,
+    /// Prepack weights on all threads at load (faster, but a higher transient peak); `None`
+    /// decides from the memory estimate.
+    pub parallel_prepack: Option<bool>,
 }
 
 impl Default for LoadOptions {
@@ -205,6 +208,7 @@ impl Default for LoadOptions {
             ort_lib: None,
             cache_dir: None,
             memory_limit: MemoryLimit::default(),
+            parallel_prepack: None,
         }
     }
 }
@@ -258,6 +262,7 @@ impl Engine {
                 manifest.activation_dtype
             )));
         }
+        let mut opts = opts.clone();
         if device == Device::Cpu {
             let budget = match opts.memory_limit {
                 MemoryLimit::Available => crate::memory::available(),
@@ -268,8 +273,14 @@ impl Engine {
                 let estimate = crate::memory::estimate(dir, &manifest);
                 crate::memory::check(dir, &manifest, &estimate, budget)
                     .map_err(EngineError::Memory)?;
+                opts.parallel_prepack =
+                    opts.parallel_prepack
+                        .or(Some(crate::memory::room_for_parallel_prepack(
+                            &estimate, budget,
+                        )));
             }
         }
+        let opts = &opts;
         let open = |file: &str, role: SessionRole| -> Result<Session, EngineError> {
             let path = dir.join(file);
             if !path.is_file() {
@@ -652,6 +663,11 @@ pub(crate) fn session_builder(
     }
     if role == SessionRole::Vision {
         b = b.with_intra_op_spinning(false).map_err(|e| e.to_string())?;
+    }
+    if opts.parallel_prepack == Some(true) {
+        b = b
+            .with_config_entry("session.prepack.enable_parallel", "1")
+            .map_err(|e| e.to_string())?;
     }
     Ok(b)
 }

@@ -70,6 +70,7 @@ impl RuntimeArgs {
             } else {
                 carrot_runtime::memory::MemoryLimit::Available
             },
+            parallel_prepack: None,
         }
     }
 }
