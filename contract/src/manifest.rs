@@ -222,10 +222,43 @@ impl Manifest {
             );
         }
         let t = &self.text;
-        if t.num_kv_heads == 0 || !t.num_attention_heads.is_multiple_of(t.num_kv_heads) {
+        let mut sizes = vec![
+            ("text.hidden_size", t.hidden_size),
+            ("text.num_layers", t.num_layers),
+            ("text.num_attention_heads", t.num_attention_heads),
+            ("text.num_kv_heads", t.num_kv_heads),
+            ("text.head_dim", t.head_dim),
+            ("text.vocab_size", t.vocab_size),
+            ("text.max_position_embeddings", t.max_position_embeddings),
+            ("prompt.max_length", self.prompt.max_length),
+        ];
+        if let Some(v) = &self.vision {
+            sizes.push(("vision.image_size", v.image_size));
+            sizes.push(("vision.num_image_tokens", v.num_image_tokens));
+        }
+        if let Some(n) = self.max_sequence {
+            sizes.push(("max_sequence", n));
+        }
+        if let Some((key, _)) = sizes.iter().find(|(_, n)| *n == 0) {
+            return invalid(format!("{key} is 0"));
+        }
+        if !t.num_attention_heads.is_multiple_of(t.num_kv_heads) {
             return invalid(format!(
                 "num_attention_heads {} is not a multiple of num_kv_heads {}",
                 t.num_attention_heads, t.num_kv_heads
+            ));
+        }
+        if let Some(v) = &self.vision
+            && !(v.rescale.is_finite() && v.std.iter().all(|s| s.is_finite() && *s != 0.0))
+        {
+            return invalid("vision.rescale and vision.std must be finite, std non-zero".into());
+        }
+        if let Some(q) = &self.quantization
+            && (!matches!(q.bits, 4 | 8) || q.block_size == 0)
+        {
+            return invalid(format!(
+                "quantization: bits {} (4 or 8) and block_size {} (positive) are not usable",
+                q.bits, q.block_size
             ));
         }
         Ok(())
@@ -285,6 +318,39 @@ mod tests {
             err.contains("carrot/2") && err.contains("carrot/1") && err.contains("x/carrot.json"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn zero_sizes_are_refused_naming_the_key() {
+        for (from, to, key) in [
+            (
+                r#""image_size": 384"#,
+                r#""image_size": 0"#,
+                "vision.image_size",
+            ),
+            (
+                r#""hidden_size": 4096"#,
+                r#""hidden_size": 0"#,
+                "text.hidden_size",
+            ),
+            (
+                r#""num_kv_heads": 8"#,
+                r#""num_kv_heads": 0"#,
+                "text.num_kv_heads",
+            ),
+            (
+                r#""max_length": 2048"#,
+                r#""max_length": 0"#,
+                "prompt.max_length",
+            ),
+        ] {
+            let text = EXAMPLE.replace(from, to);
+            assert_ne!(text, EXAMPLE, "{from} is in the example");
+            let err = Manifest::parse(&text, "m/carrot.json")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key) && err.contains("m/carrot.json"), "{err}");
+        }
     }
 
     #[test]

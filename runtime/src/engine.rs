@@ -355,7 +355,37 @@ impl Engine {
             &m.graphs.decoder,
             &names::decoder_inputs(m.text.num_layers),
             &names::decoder_outputs(m.text.num_layers),
-        )
+        )?;
+        // Embeddings and image features are spliced by rows of `hidden_size`: every graph must
+        // agree with the manifest on that width.
+        let hidden = m.text.hidden_size as i64;
+        let mut widths = vec![
+            (&self.embed, &m.graphs.embed, names::INPUTS_EMBEDS, false),
+            (&self.decoder, &m.graphs.decoder, names::INPUTS_EMBEDS, true),
+        ];
+        if let (Some(session), Some(file)) = (&self.vision, &m.graphs.vision) {
+            widths.push((session, file, names::IMAGE_FEATURES, false));
+        }
+        for (session, file, name, input) in widths {
+            let outlets = if input {
+                session.inputs()
+            } else {
+                session.outputs()
+            };
+            let last = outlets
+                .iter()
+                .find(|o| o.name() == name)
+                .and_then(|o| match o.dtype() {
+                    ort::value::ValueType::Tensor { shape, .. } => shape.last().copied(),
+                    _ => None,
+                });
+            if let Some(width) = last.filter(|&w| w >= 0 && w != hidden) {
+                return Err(EngineError::Unsupported(format!(
+                    "{file}: `{name}` is {width} wide but carrot.json says text.hidden_size {hidden}"
+                )));
+            }
+        }
+        Ok(())
     }
 
     pub fn has_vision(&self) -> bool {

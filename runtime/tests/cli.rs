@@ -309,3 +309,54 @@ fn memory_check_refuses_a_load_beyond_the_budget() {
     assert!(load(MemoryLimit::Bytes(4 << 30)).is_ok());
     assert!(load(MemoryLimit::Off).is_ok());
 }
+
+/// A copy of the fixture export with `edit` applied to its manifest.
+fn with_manifest(edit: impl FnOnce(&mut serde_json::Value)) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    for entry in std::fs::read_dir(model()).expect("export").flatten() {
+        std::fs::copy(entry.path(), tmp.path().join(entry.file_name())).expect("copy");
+    }
+    let path = tmp.path().join("carrot.json");
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("manifest")).expect("json");
+    edit(&mut m);
+    std::fs::write(&path, m.to_string()).expect("write manifest");
+    tmp
+}
+
+/// Manifests the runtime cannot use are refused at load with one line naming what is wrong
+/// (a zero image size, a hidden size the graphs disagree with), never a panic.
+#[test]
+fn unusable_manifests_are_one_line_errors() {
+    let zero = with_manifest(|m| m["vision"]["image_size"] = 0.into());
+    let out = carrot()
+        .args([
+            "generate",
+            "--prompt",
+            "hi",
+            "--max-new-tokens",
+            "2",
+            "--model",
+        ])
+        .arg(zero.path())
+        .arg("--image")
+        .arg(root().join("fixtures/images/chelsea.png"))
+        .output()
+        .expect("run carrot");
+    assert_one_line_error(&out, "vision.image_size is 0");
+
+    let wide = with_manifest(|m| m["text"]["hidden_size"] = 64.into());
+    let out = carrot()
+        .args([
+            "generate",
+            "--prompt",
+            "hi",
+            "--max-new-tokens",
+            "2",
+            "--model",
+        ])
+        .arg(wide.path())
+        .output()
+        .expect("run carrot");
+    assert_one_line_error(&out, "text.hidden_size 64");
+}
