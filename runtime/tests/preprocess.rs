@@ -457,13 +457,11 @@ mod preprocess {
     fn golden_pixel_values_match_reference() {
         let root = workspace_root();
         let goldens = root.join("fixtures/goldens/pixel_values.safetensors");
-        if !goldens.exists() {
-            eprintln!(
-                "SKIPPED golden_pixel_values_match_reference: {} does not exist yet",
-                goldens.display()
-            );
-            return;
-        }
+        assert!(
+            goldens.exists(),
+            "{} is missing: regenerate it with fixtures/make_fixtures.py",
+            goldens.display()
+        );
         let bytes = std::fs::read(&goldens).expect("read goldens");
         let st = safetensors::SafeTensors::deserialize(&bytes).expect("parse goldens");
         let cases = [
@@ -514,13 +512,7 @@ mod preprocess {
         let photo = root.join("fixtures/images/chelsea.png");
         let reference =
             Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/chelsea_q90.pillow60.png");
-        if !photo.exists() {
-            eprintln!(
-                "SKIPPED jpeg_input_matches_pillow_decode_closely: {} missing",
-                photo.display()
-            );
-            return;
-        }
+        assert!(photo.exists(), "{} is missing", photo.display());
         let img = load_image(&photo, DEFAULT_MAX_PIXELS).expect("load chelsea");
         let mut jpeg = Vec::new();
         image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90)
@@ -530,14 +522,11 @@ mod preprocess {
             std::fs::write(Path::new(&dir).join("chelsea_q90.jpg"), &jpeg).expect("dump jpeg");
         }
         let digest = format!("{:x}", sha2::Sha256::digest(&jpeg));
-        if digest != CHELSEA_Q90_SHA256 {
-            eprintln!(
-                "SKIPPED jpeg_input_matches_pillow_decode_closely: the encoded JPEG (sha256 {digest}) \
-                 is not the one the reference was made from; regenerate it with \
-                 runtime/tests/data/jpeg_reference.py"
-            );
-            return;
-        }
+        assert_eq!(
+            digest, CHELSEA_Q90_SHA256,
+            "the encoded JPEG is not the one the reference was made from (the `image` crate's \
+             encoder changed?); regenerate the reference with runtime/tests/data/jpeg_reference.py"
+        );
         let pillow = load_image(&reference, DEFAULT_MAX_PIXELS).expect("load reference");
         let decoded = decode_image(&jpeg, "chelsea_q90.jpg", DEFAULT_MAX_PIXELS).expect("decode");
         let ours = resize_bicubic(&expand_to_square(&decoded, [127; 3]), 60, 60);

@@ -286,21 +286,13 @@ fn block_sizes_that_are_not_powers_of_two_from_16_to_256_are_refused() {
 
 // ---- the command line ---------------------------------------------------------------------
 
-/// Runs `carrot-export ARGS`; `None` (with a note) when the binary cannot be built here.
-fn cli(args: &[&std::ffi::OsStr]) -> Option<std::process::Output> {
-    let bin = match export_cli() {
-        Ok(bin) => bin,
-        Err(why) => {
-            eprintln!("skipping the carrot-export command-line checks: {why}");
-            return None;
-        }
-    };
-    Some(
-        Command::new(&bin)
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("running {}: {e}", bin.display())),
-    )
+/// Runs `carrot-export ARGS`; fails the test when the binary cannot be found or built.
+fn cli(args: &[&std::ffi::OsStr]) -> std::process::Output {
+    let bin = export_cli().unwrap_or_else(|why| panic!("the carrot-export binary: {why}"));
+    Command::new(&bin)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", bin.display()))
 }
 
 /// Exit status non-zero, exactly one line on stderr naming `needle`, no panic, nothing on stdout.
@@ -337,7 +329,7 @@ fn cli_errors_exit_nonzero_with_one_line() {
     let llama = fixture_model("llama-base-tiny");
     let out = tmp.path().join("out");
 
-    let Some(o) = cli(&[
+    let o = cli(&[
         os("--model"),
         llama.as_os_str(),
         os("--out"),
@@ -347,13 +339,11 @@ fn cli_errors_exit_nonzero_with_one_line() {
         os("--block-size"),
         os("100"),
         os("-q"),
-    ]) else {
-        return;
-    };
+    ]);
     assert_one_line_error(&o, "--block-size 100");
     assert!(!out.exists());
 
-    let Some(o) = cli(&[
+    let o = cli(&[
         os("--model"),
         llama.as_os_str(),
         os("--out"),
@@ -361,14 +351,12 @@ fn cli_errors_exit_nonzero_with_one_line() {
         os("--block-size"),
         os("64"),
         os("-q"),
-    ]) else {
-        return;
-    };
+    ]);
     assert_one_line_error(&o, "--block-size applies to --dtype int4 and int8");
     assert!(!out.exists());
 
     let tower = fixture_model("siglip-tiny");
-    let Some(o) = cli(&[
+    let o = cli(&[
         os("--model"),
         llama.as_os_str(),
         os("--out"),
@@ -376,14 +364,12 @@ fn cli_errors_exit_nonzero_with_one_line() {
         os("--vision-tower"),
         tower.as_os_str(),
         os("-q"),
-    ]) else {
-        return;
-    };
+    ]);
     assert_one_line_error(&o, "--vision-tower");
     assert!(!out.exists());
 
     for (what, model, needle) in broken_models(models.path()) {
-        let Some(o) = cli(&[
+        let o = cli(&[
             os("--model"),
             model.as_os_str(),
             os("--out"),
@@ -391,9 +377,7 @@ fn cli_errors_exit_nonzero_with_one_line() {
             os("--dtype"),
             os("fp32"),
             os("-q"),
-        ]) else {
-            return;
-        };
+        ]);
         assert_one_line_error(&o, &needle);
         assert!(!out.exists(), "{what}: --out exists");
         assert_eq!(
@@ -404,7 +388,7 @@ fn cli_errors_exit_nonzero_with_one_line() {
     }
 
     existing_out(&out, b"precious", false);
-    let Some(o) = cli(&[
+    let o = cli(&[
         os("--model"),
         llama.as_os_str(),
         os("--out"),
@@ -412,9 +396,7 @@ fn cli_errors_exit_nonzero_with_one_line() {
         os("--dtype"),
         os("fp32"),
         os("-q"),
-    ]) else {
-        return;
-    };
+    ]);
     assert_one_line_error(&o, "--force");
     assert_eq!(listing(&out), ["keep.txt"]);
 }
@@ -425,7 +407,7 @@ fn cli_exports_and_replaces_with_force() {
     let llama = fixture_model("llama-base-tiny");
     let out = tmp.path().join("out");
     existing_out(&out, b"old", false);
-    let Some(o) = cli(&[
+    let o = cli(&[
         os("--model"),
         llama.as_os_str(),
         os("--out"),
@@ -434,9 +416,7 @@ fn cli_exports_and_replaces_with_force() {
         os("fp16"),
         os("--force"),
         os("-q"),
-    ]) else {
-        return;
-    };
+    ]);
     assert!(
         o.status.success(),
         "carrot-export failed: {}",
