@@ -6,6 +6,7 @@ pub mod lora_config;
 pub mod lora_merge;
 pub mod mm_config;
 pub mod pipeline;
+pub mod preprocessor;
 pub mod rope_freq;
 pub mod siglip_config;
 pub mod siglip_table;

@@ -254,6 +254,17 @@ pub fn export(plan: &ExportPlan) -> Result<ExportSummary, PipelineError> {
         plan.vision_tower.as_deref(),
     )?;
 
+    let preprocessing = match model.kind.multimodal() {
+        Some(mm) => crate::preprocessor::read(
+            model
+                .vision_origin
+                .as_ref()
+                .and_then(crate::siglip_table::VisionOrigin::directory),
+            mm.vision.tower.image_size,
+        )
+        .map_err(PipelineError::Plan)?,
+        None => crate::preprocessor::Preprocessing::default(),
+    };
     let out = absolute(&plan.out);
     let parent = out
         .parent()
@@ -324,7 +335,7 @@ pub fn export(plan: &ExportPlan) -> Result<ExportSummary, PipelineError> {
     }
     bar.finish_and_clear();
 
-    let manifest = build_manifest(plan, &model, dtype);
+    let manifest = build_manifest(plan, &model, dtype, &preprocessing);
     let manifest_path = tmp.path.join(names::MANIFEST_FILE);
     std::fs::write(&manifest_path, manifest.to_json()).map_err(io(&manifest_path))?;
     files.push((names::MANIFEST_FILE.to_string(), file_len(&manifest_path)));
@@ -442,7 +453,12 @@ fn move_into_place(tmp: &Path, out: &Path, force: bool) -> Result<(), PipelineEr
     Ok(())
 }
 
-fn build_manifest(plan: &ExportPlan, model: &ResolvedModel, dtype: DType) -> Manifest {
+fn build_manifest(
+    plan: &ExportPlan,
+    model: &ResolvedModel,
+    dtype: DType,
+    pre: &crate::preprocessor::Preprocessing,
+) -> Manifest {
     let text = &model.text;
     let gen_cfg = &model.generation;
     let mm = model.kind.multimodal();
@@ -516,11 +532,11 @@ fn build_manifest(plan: &ExportPlan, model: &ResolvedModel, dtype: DType) -> Man
             image_size: m.vision.tower.image_size,
             num_image_tokens: m.vision.num_image_tokens(),
             image_aspect_ratio: m.settings.image_aspect_ratio.manifest_name().into(),
-            pad_color: [127, 127, 127],
+            pad_color: pre.pad_color,
             resample: "bicubic".into(),
-            rescale: 1.0 / 255.0,
-            mean: [0.5; 3],
-            std: [0.5; 3],
+            rescale: pre.rescale,
+            mean: pre.mean,
+            std: pre.std,
         }),
         prompt: manifest::Prompt {
             template: template.into(),

@@ -576,3 +576,55 @@ fn adapters_change_the_decoder_weights() {
         read(Layout::TextOnlyRslora, "embed.onnx.data")
     );
 }
+
+/// The manifest's preprocessing comes from the vision tower's `preprocessor_config.json`, with
+/// Bunny's pad colour `int(mean · 255)`; a resampling the runtime cannot do is refused by name.
+#[test]
+fn preprocessing_follows_the_towers_preprocessor_config() {
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let tower = tmp.path().join("siglip");
+    std::fs::create_dir(&tower).unwrap_or_else(|e| panic!("{e}"));
+    let fixture = carrot_tests::export_util::fixture_model("siglip-tiny");
+    for entry in std::fs::read_dir(&fixture)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .flatten()
+    {
+        std::fs::copy(entry.path(), tower.join(entry.file_name()))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let pre = tower.join("preprocessor_config.json");
+    let mut json: Json =
+        serde_json::from_str(&std::fs::read_to_string(&pre).unwrap_or_else(|e| panic!("{e}")))
+            .unwrap_or_else(|e| panic!("{e}"));
+    json["image_mean"] = serde_json::json!([0.48145466, 0.4578275, 0.40821073]);
+    json["image_std"] = serde_json::json!([0.26862954, 0.26130258, 0.27577711]);
+    std::fs::write(&pre, json.to_string()).unwrap_or_else(|e| panic!("{e}"));
+
+    let out = tmp.path().join("out");
+    let mut plan = Layout::MergedExplicitTower.plan(
+        &out,
+        carrot_export::pipeline::WeightFormat::Float(DType::F32),
+    );
+    plan.vision_tower = Some(tower.clone());
+    carrot_export::pipeline::export(&plan).unwrap_or_else(|e| panic!("export: {e}"));
+    let m = carrot_contract::Manifest::read_dir(&out).unwrap_or_else(|e| panic!("{e}"));
+    let v = m
+        .vision
+        .unwrap_or_else(|| panic!("no vision in the manifest"));
+    assert_eq!(v.mean, [0.48145466, 0.4578275, 0.40821073]);
+    assert_eq!(v.std, [0.26862954, 0.26130258, 0.27577711]);
+    assert_eq!(v.pad_color, [122, 116, 104]);
+
+    json["resample"] = 2.into();
+    std::fs::write(&pre, json.to_string()).unwrap_or_else(|e| panic!("{e}"));
+    let out = tmp.path().join("out2");
+    plan.out = out.clone();
+    let msg = carrot_export::pipeline::export(&plan)
+        .expect_err("resample 2")
+        .to_string();
+    assert!(
+        msg.contains("resample 2") && msg.contains("preprocessor_config.json"),
+        "{msg}"
+    );
+    assert!(!out.exists());
+}
