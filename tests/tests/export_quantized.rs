@@ -354,3 +354,39 @@ fn shared_kv_cache_generates_what_the_concatenating_cache_does() {
         assert_eq!(a, b, "{}: shared vs concatenated KV cache", format.name());
     }
 }
+
+/// The exported bytes do not depend on how many threads quantize: every file of an int4 export
+/// made on one thread equals the same export made on four.
+#[test]
+fn quantized_exports_are_byte_identical_whatever_the_thread_count() {
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let export_on = |threads: usize| {
+        let out = tmp.path().join(format!("threads-{threads}"));
+        let mut plan = Layout::Merged.plan(&out, int_format("int4", 32));
+        plan.flavor = "ort".into();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap_or_else(|e| panic!("thread pool: {e}"));
+        pool.install(|| carrot_export::pipeline::export(&plan))
+            .unwrap_or_else(|e| panic!("export on {threads} threads: {e}"));
+        out
+    };
+    let (one, four) = (export_on(1), export_on(4));
+    let mut files: Vec<_> = std::fs::read_dir(&one)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    files.sort();
+    assert!(files.len() >= 6, "{files:?}");
+    for name in files {
+        let a = std::fs::read(one.join(&name)).unwrap_or_else(|e| panic!("{e}"));
+        let b = std::fs::read(four.join(&name)).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            a == b,
+            "{} differs between 1 and 4 threads",
+            name.to_string_lossy()
+        );
+    }
+}
