@@ -453,6 +453,25 @@ impl Engine {
         self.manifest.kv_cache == "shared"
     }
 
+    /// Keep the first `len` positions of `cache`.
+    pub fn truncate(&self, cache: &mut KvCache, len: usize) -> Result<(), EngineError> {
+        if len >= cache.len {
+            return Ok(());
+        }
+        if !self.shared_cache() {
+            for value in &mut cache.values {
+                *value = match self.act {
+                    ActDType::F32 => truncated::<f32>(value, len)?,
+                    ActDType::F16 => truncated::<f16>(value, len)?,
+                    ActDType::BF16 => truncated::<bf16>(value, len)?,
+                };
+            }
+        }
+        // A shared buffer keeps its capacity; the next step overwrites from `len` on.
+        cache.len = len;
+        Ok(())
+    }
+
     /// A cache holding no positions.
     pub fn empty_cache(&self) -> Result<KvCache, EngineError> {
         let t = &self.manifest.text;
@@ -643,6 +662,32 @@ impl Model for Engine {
     ) -> Result<Vec<f32>, BoxError> {
         Ok(self.run_step(cache, input)?)
     }
+
+    fn truncate_cache(&mut self, cache: &mut Self::Cache, len: usize) -> Result<(), BoxError> {
+        Ok(self.truncate(cache, len)?)
+    }
+}
+
+/// The first `len` positions of a `[1, heads, positions, head_dim]` cache tensor.
+fn truncated<T: ort::value::PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static>(
+    value: &DynValue,
+    len: usize,
+) -> Result<DynValue, EngineError> {
+    let (shape, data) = value
+        .try_extract_tensor::<T>()
+        .map_err(|e| run_err("KV cache", e))?;
+    let dims: Vec<usize> = shape.iter().map(|&d| d.max(0) as usize).collect();
+    let [b, heads, positions, head_dim] = dims[..] else {
+        return Err(run_err("KV cache", format!("unexpected shape {shape:?}")));
+    };
+    let keep = len.min(positions);
+    let mut out = Vec::with_capacity(b * heads * keep * head_dim);
+    for row in data.chunks_exact(positions * head_dim) {
+        out.extend_from_slice(&row[..keep * head_dim]);
+    }
+    Tensor::from_array((vec![b, heads, keep, head_dim], out))
+        .map(|t| t.into_dyn())
+        .map_err(|e| run_err("KV cache", e))
 }
 
 /// Hands the decoder's `logits` (`[rows, vocab]` float32) to `read` without copying them.

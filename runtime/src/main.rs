@@ -290,7 +290,8 @@ fn perplexity(args: PerplexityArgs) -> anyhow::Result<()> {
 fn chat(args: ChatArgs) -> anyhow::Result<()> {
     let mut pipeline = load(&args.model, &args.runtime)?;
     let images: Vec<ImageSource> = args.image.iter().cloned().map(ImageSource::Path).collect();
-    let pixels = pipeline.pixel_values(&images)?;
+    // The image is encoded once; each turn prefills only what the cache does not hold yet.
+    let mut conversation = pipeline.conversation(&images)?;
     let mut turns: Vec<Turn> = Vec::new();
     let stdin = std::io::stdin();
     let mut stdout = std::io::stdout();
@@ -309,13 +310,18 @@ fn chat(args: ChatArgs) -> anyhow::Result<()> {
             assistant: None,
         });
         let prompt = Prompt::Conversation(turns.clone());
-        let ids = pipeline.prompt_ids(&prompt, pixels.len())?;
-        let answer = pipeline.generate_ids(&ids, &pixels, &args.sampling.params(), |event| {
-            if let Event::Token { text_delta, .. } = &event {
-                let _ = stdout.write_all(text_delta.as_bytes());
-                let _ = stdout.flush();
-            }
-        })?;
+        let ids = pipeline.prompt_ids(&prompt, images.len())?;
+        let answer = pipeline.continue_conversation(
+            &mut conversation,
+            &ids,
+            &args.sampling.params(),
+            |event| {
+                if let Event::Token { text_delta, .. } = &event {
+                    let _ = stdout.write_all(text_delta.as_bytes());
+                    let _ = stdout.flush();
+                }
+            },
+        )?;
         println!();
         if let Some(last) = turns.last_mut() {
             last.assistant = Some(answer.output.text.trim().to_string());

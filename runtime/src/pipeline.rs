@@ -5,7 +5,7 @@ use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::engine::{Engine, EngineError, ImageFeatures, LoadOptions};
+use crate::engine::{Engine, EngineError, ImageFeatures, KvCache, LoadOptions};
 use crate::generate::{
     self, BoxError, Decode, Event, GenerateError, GenerateOptions, Output, PromptPart, Request,
     SamplingOptions,
@@ -308,6 +308,95 @@ impl Pipeline {
             output,
             prompt_ids: prompt_ids.to_vec(),
             vision_ms,
+        })
+    }
+}
+
+/// A conversation whose images are encoded once and whose KV cache carries over between turns:
+/// each turn prefills only what follows the longest prefix its prompt shares with the positions
+/// already cached (the earlier turns and answers, as the chat template renders them).
+#[derive(Debug, Default)]
+pub struct Conversation {
+    cache: Option<KvCache>,
+    /// Ids (image sentinels included) whose positions are in `cache`.
+    cached_ids: Vec<i64>,
+    images: Vec<ImageFeatures>,
+    /// Time spent encoding the images, once.
+    pub vision_ms: f64,
+}
+
+impl Pipeline {
+    /// Start a conversation about `images` (encoded now, once).
+    pub fn conversation(&mut self, images: &[ImageSource]) -> Result<Conversation, PipelineError> {
+        let pixels = self.pixel_values(images)?;
+        let start = Instant::now();
+        let images = if pixels.is_empty() {
+            Vec::new()
+        } else {
+            self.engine.encode_images(&pixels)?
+        };
+        Ok(Conversation {
+            vision_ms: if pixels.is_empty() {
+                0.0
+            } else {
+                start.elapsed().as_secs_f64() * 1e3
+            },
+            images,
+            ..Conversation::default()
+        })
+    }
+
+    /// Answer the conversation's next turn; `prompt_ids` is the whole conversation so far as the
+    /// template renders it (sentinels included). `Answer.output.reused_positions` says how much of
+    /// it came from the cache.
+    pub fn continue_conversation(
+        &mut self,
+        conversation: &mut Conversation,
+        prompt_ids: &[i64],
+        params: &Params,
+        mut on_event: impl FnMut(Event),
+    ) -> Result<Answer, PipelineError> {
+        let sentinel = self.engine.manifest.prompt.image_token_index;
+        let request = Request {
+            prompt: split_prompt(prompt_ids, sentinel)?,
+            images: conversation.images.clone(),
+            options: self.options(params),
+        };
+        let common = conversation
+            .cached_ids
+            .iter()
+            .zip(prompt_ids)
+            .take_while(|(a, b)| a == b)
+            .count();
+        let cached = generate::prompt_len(
+            &split_prompt(&prompt_ids[..common], sentinel)?,
+            crate::generate::Model::num_image_tokens(&self.engine),
+        );
+        let mut generation = match conversation.cache.take() {
+            Some(cache) => generate::Generation::resume(
+                &mut self.engine,
+                &self.tokenizer,
+                &request,
+                cache,
+                cached,
+            )?,
+            None => generate::Generation::new(&mut self.engine, &self.tokenizer, &request)?,
+        };
+        conversation.cached_ids.clear();
+        while let Some(event) = generation.next_event()? {
+            on_event(event);
+        }
+        let (output, cache) = generation.into_parts();
+        conversation.cache = Some(cache);
+        conversation.cached_ids = prompt_ids.to_vec();
+        let fed = output.token_ids.len().saturating_sub(1);
+        conversation
+            .cached_ids
+            .extend(output.token_ids[..fed].iter().map(|&id| i64::from(id)));
+        Ok(Answer {
+            output,
+            prompt_ids: prompt_ids.to_vec(),
+            vision_ms: 0.0,
         })
     }
 }

@@ -201,6 +201,11 @@ impl Model for FakeModel {
         self.steps.push(step);
         Ok(logits)
     }
+
+    fn truncate_cache(&mut self, cache: &mut FakeCache, len: usize) -> Result<(), BoxError> {
+        cache.len = cache.len.min(len);
+        Ok(())
+    }
 }
 
 /// Logits of `vocab_size` zeros with `id` at 100: `id` wins any greedy or sampled pick.

@@ -43,6 +43,8 @@ pub struct Generation<'a, M: Model, D: Decode + ?Sized> {
     state: State,
     finish_reason: Option<FinishReason>,
     timings: Timings,
+    /// Prompt positions already in the cache when the generation started.
+    reused: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -59,6 +61,28 @@ impl<'a, M: Model, D: Decode + ?Sized> Generation<'a, M, D> {
         model: &'a mut M,
         decoder: &'a D,
         request: &'a Request<M::Image>,
+    ) -> Result<Self, GenerateError> {
+        Self::start(model, decoder, request, None)
+    }
+
+    /// Like [`Generation::new`], continuing from `cache`, which holds the first `cached`
+    /// positions of this request's prompt (a conversation's earlier turns): only the rest of the
+    /// prompt is prefilled. At least one position is always prefilled, for its logits.
+    pub fn resume(
+        model: &'a mut M,
+        decoder: &'a D,
+        request: &'a Request<M::Image>,
+        cache: M::Cache,
+        cached: usize,
+    ) -> Result<Self, GenerateError> {
+        Self::start(model, decoder, request, Some((cache, cached)))
+    }
+
+    fn start(
+        model: &'a mut M,
+        decoder: &'a D,
+        request: &'a Request<M::Image>,
+        reuse: Option<(M::Cache, usize)>,
     ) -> Result<Self, GenerateError> {
         let options = &request.options;
         let mut sampler = Sampler::new(options.sampling.clone())?;
@@ -86,7 +110,16 @@ impl<'a, M: Model, D: Decode + ?Sized> Generation<'a, M, D> {
             });
         }
         let limit = options.max_new_tokens.min(options.max_length - prompt_len);
-        let cache = model.new_cache().map_err(GenerateError::NewCache)?;
+        let (cache, reused) = match reuse {
+            None => (model.new_cache().map_err(GenerateError::NewCache)?, 0),
+            Some((mut cache, cached)) => {
+                let keep = cached.min(prompt_len - 1);
+                model
+                    .truncate_cache(&mut cache, keep)
+                    .map_err(GenerateError::NewCache)?;
+                (cache, keep)
+            }
+        };
         let chunk = options
             .prefill_chunk
             .map_or(prompt_len, NonZeroUsize::get)
@@ -106,6 +139,7 @@ impl<'a, M: Model, D: Decode + ?Sized> Generation<'a, M, D> {
             state: State::Prefill,
             finish_reason: None,
             timings: Timings::default(),
+            reused,
         })
     }
 
@@ -142,11 +176,26 @@ impl<'a, M: Model, D: Decode + ?Sized> Generation<'a, M, D> {
         event
     }
 
+    /// The output and the cache, which holds the prompt and every generated token but the last
+    /// (never fed back): `prompt_tokens + token_ids.len() - 1` positions.
+    pub fn into_parts(self) -> (Output, M::Cache) {
+        let output = Output {
+            token_ids: self.stream.ids().to_vec(),
+            text: self.stream.text().to_owned(),
+            prompt_tokens: self.prompt_len,
+            reused_positions: self.reused,
+            finish_reason: self.finish_reason.unwrap_or(FinishReason::Length),
+            timings: self.timings,
+        };
+        (output, self.cache)
+    }
+
     fn into_output(self) -> Output {
         Output {
             token_ids: self.stream.ids().to_vec(),
             text: self.stream.text().to_owned(),
             prompt_tokens: self.prompt_len,
+            reused_positions: self.reused,
             finish_reason: self.finish_reason.unwrap_or(FinishReason::Length),
             timings: self.timings,
         }
@@ -215,7 +264,7 @@ impl<'a, M: Model, D: Decode + ?Sized> Generation<'a, M, D> {
             .options
             .prefill_chunk
             .map_or(self.prompt_len, NonZeroUsize::get);
-        let mut start = 0usize;
+        let mut start = self.reused;
         loop {
             let end = start.saturating_add(chunk).min(self.prompt_len);
             let segments = prompt_segments(&request.prompt, self.num_image_tokens, start..end);

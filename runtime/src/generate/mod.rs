@@ -49,6 +49,10 @@ pub trait Model {
         cache: &mut Self::Cache,
         input: &StepInput<'_, Self::Image>,
     ) -> Result<Vec<f32>, BoxError>;
+
+    /// Keeps only the first `len` positions of `cache` (a conversation that continues from a
+    /// common prefix).
+    fn truncate_cache(&mut self, cache: &mut Self::Cache, len: usize) -> Result<(), BoxError>;
 }
 
 /// The new positions of one decoder step, in sequence order.
@@ -191,6 +195,8 @@ pub struct Output {
     pub text: String,
     /// Positions of the prompt, images counted.
     pub prompt_tokens: usize,
+    /// Leading prompt positions taken from a cache instead of being prefilled.
+    pub reused_positions: usize,
     pub finish_reason: FinishReason,
     pub timings: Timings,
 }
