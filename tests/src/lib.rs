@@ -28,15 +28,37 @@ pub fn init_ort() -> anyhow::Result<&'static ort::environment::Environment> {
 /// The interpreter is `$CARROT_PYTHON` (default `python3`) and must have `onnx==1.23.2`. With
 /// `CARROT_SKIP_PYTHON=1` the check is skipped with a note on stderr.
 pub fn check_onnx(paths: &[&Path]) {
+    let args: Vec<&std::ffi::OsStr> = paths.iter().map(|p| p.as_os_str()).collect();
+    if let Err(msg) = python_check("onnx", "check_model.py", &args) {
+        panic!("ONNX checker rejected {paths:?}:\n{msg}");
+    }
+}
+
+/// Validates each `carrot.json` against `docs/carrot.schema.json` (through
+/// `tests/python/check_manifest.py`, `jsonschema` from `tests/python/requirements.txt`); `Err`
+/// holds every violation, one per line.
+pub fn check_manifest_schema(paths: &[&Path]) -> Result<(), String> {
+    let schema = workspace_root().join("docs/carrot.schema.json");
+    let mut args: Vec<&std::ffi::OsStr> = vec![schema.as_os_str()];
+    args.extend(paths.iter().map(|p| p.as_os_str()));
+    python_check("jsonschema", "check_manifest.py", &args)
+}
+
+/// Runs `tests/python/SCRIPT ARGS` with `$CARROT_PYTHON` (default `python3`), which must be able
+/// to import `module`; `Err` holds the script's output when it fails. Panics with advice when
+/// the interpreter lacks the module; `CARROT_SKIP_PYTHON=1` skips the check with a note.
+fn python_check(module: &str, script: &str, args: &[&std::ffi::OsStr]) -> Result<(), String> {
     if std::env::var("CARROT_SKIP_PYTHON").is_ok_and(|v| v == "1") {
-        eprintln!("skipping the ONNX checker on {paths:?}: CARROT_SKIP_PYTHON=1");
-        return;
+        eprintln!("skipping {script}: CARROT_SKIP_PYTHON=1");
+        return Ok(());
     }
     let python = std::env::var_os("CARROT_PYTHON")
         .filter(|p| !p.is_empty())
         .unwrap_or_else(|| "python3".into());
     let shown = Path::new(&python).display().to_string();
-    let probe = Command::new(&python).args(["-c", "import onnx"]).output();
+    let probe = Command::new(&python)
+        .args(["-c", &format!("import {module}")])
+        .output();
     match probe {
         Ok(out) if out.status.success() => {}
         outcome => {
@@ -50,24 +72,27 @@ pub fn check_onnx(paths: &[&Path]) {
                 Err(e) => e.to_string(),
             };
             panic!(
-                "the ONNX checker needs Python with onnx==1.23.2, but `{shown} -c \"import onnx\"` failed \
-                 ({why}); run the setup in `.ci/run` (scripts/test.sh makes .venv-test) or set \
-                 CARROT_PYTHON to such an interpreter (CARROT_SKIP_PYTHON=1 skips this check)"
+                "{script} needs Python with {module} (tests/python/requirements.txt), but \
+                 `{shown} -c \"import {module}\"` failed ({why}); run the setup in `.ci/run` \
+                 (scripts/test.sh makes .venv-test) or set CARROT_PYTHON to such an interpreter \
+                 (CARROT_SKIP_PYTHON=1 skips this check)"
             );
         }
     }
-    let script = workspace_root().join("tests/python/check_model.py");
+    let path = workspace_root().join("tests/python").join(script);
     let out = Command::new(&python)
-        .arg(&script)
-        .args(paths)
+        .arg(&path)
+        .args(args)
         .output()
-        .unwrap_or_else(|e| panic!("running {shown} {}: {e}", script.display()));
-    if !out.status.success() {
-        panic!(
-            "ONNX checker rejected {paths:?}:\n{}{}",
+        .unwrap_or_else(|e| panic!("running {shown} {}: {e}", path.display()));
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
-        );
+        ))
     }
 }
 

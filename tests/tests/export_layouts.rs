@@ -373,6 +373,8 @@ fn check_manifest(exp: &Exported) {
     let m: Json = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     carrot_contract::Manifest::parse(&text, &path.display().to_string())
         .unwrap_or_else(|e| panic!("the runtime's reader rejects the manifest: {e}"));
+    carrot_tests::check_manifest_schema(&[&path])
+        .unwrap_or_else(|e| panic!("docs/carrot.schema.json rejects the manifest:\n{e}"));
     let multimodal = exp.layout.multimodal();
     let (dtype, act) = (exp.format.name(), exp.dtype.manifest_name());
     assert_eq!(key(&m, "format"), "carrot/1");
@@ -627,4 +629,26 @@ fn preprocessing_follows_the_towers_preprocessor_config() {
         "{msg}"
     );
     assert!(!out.exists());
+}
+
+/// The schema is strict enough to fail: a manifest with an unknown flavor, a zero size, a shared
+/// cache without `max_sequence` and a quantized dtype without `quantization` is rejected on each
+/// of those counts.
+#[test]
+fn the_manifest_schema_rejects_what_the_contract_forbids() {
+    let exp = exported(Layout::Merged, DType::F32);
+    let text = std::fs::read_to_string(exp.dir.join(names::MANIFEST_FILE))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut m: Json = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}"));
+    m["flavor"] = "fast".into();
+    m["text"]["hidden_size"] = 0.into();
+    m["kv_cache"] = "shared".into();
+    m["dtype"] = "int4".into();
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let path = tmp.path().join("carrot.json");
+    std::fs::write(&path, m.to_string()).unwrap_or_else(|e| panic!("{e}"));
+    let err = carrot_tests::check_manifest_schema(&[&path]).expect_err("an invalid manifest");
+    for needle in ["flavor", "text/hidden_size", "max_sequence", "quantization"] {
+        assert!(err.contains(needle), "`{needle}` not in:\n{err}");
+    }
 }

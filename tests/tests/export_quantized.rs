@@ -326,6 +326,8 @@ fn shared_kv_cache_generates_what_the_concatenating_cache_does() {
             serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(json["kv_cache"], "shared");
         assert_eq!(json["max_sequence"], 2048);
+        carrot_tests::check_manifest_schema(&[&manifest_path])
+            .unwrap_or_else(|e| panic!("docs/carrot.schema.json rejects the ort manifest:\n{e}"));
 
         // The same graph, told to concatenate.
         let concat = tmp.path().join(format!("concat-{}", format.name()));
