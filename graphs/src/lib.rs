@@ -6,6 +6,7 @@
 
 pub mod builder;
 pub mod config;
+mod eager_attention;
 pub mod external;
 pub mod gqa;
 pub mod llama;

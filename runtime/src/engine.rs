@@ -12,12 +12,13 @@ use std::time::Instant;
 use carrot_contract::{Manifest, ManifestError, names};
 use half::{bf16, f16};
 use ort::session::Session;
-use ort::session::builder::GraphOptimizationLevel;
 use ort::value::{DynValue, Tensor};
 
 use crate::device::{Device, DeviceError};
 use crate::generate::{BoxError, Model, Segment, StepInput};
+pub use crate::host_rows::{ActDType, HostRows};
 use crate::memory::MemoryLimit;
+use crate::providers::SessionRole;
 
 #[derive(thiserror::Error, Debug)]
 pub enum EngineError {
@@ -47,106 +48,10 @@ pub enum EngineError {
     Run { what: String, reason: String },
 }
 
-fn run_err(what: &str, e: impl std::fmt::Display) -> EngineError {
+pub(crate) fn run_err(what: &str, e: impl std::fmt::Display) -> EngineError {
     EngineError::Run {
         what: what.into(),
         reason: e.to_string(),
-    }
-}
-
-/// The element type of activations (`activation_dtype` in the manifest).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ActDType {
-    F32,
-    F16,
-    BF16,
-}
-
-impl ActDType {
-    fn from_manifest(name: &str) -> Self {
-        match name {
-            "float16" => ActDType::F16,
-            "bfloat16" => ActDType::BF16,
-            _ => ActDType::F32,
-        }
-    }
-}
-
-/// Rows of activations held on the host, in the activation dtype.
-#[derive(Debug, Clone, PartialEq)]
-pub enum HostRows {
-    F32(Vec<f32>),
-    F16(Vec<f16>),
-    BF16(Vec<bf16>),
-}
-
-impl HostRows {
-    fn empty(dtype: ActDType) -> Self {
-        match dtype {
-            ActDType::F32 => HostRows::F32(Vec::new()),
-            ActDType::F16 => HostRows::F16(Vec::new()),
-            ActDType::BF16 => HostRows::BF16(Vec::new()),
-        }
-    }
-
-    fn len(&self) -> usize {
-        match self {
-            HostRows::F32(v) => v.len(),
-            HostRows::F16(v) => v.len(),
-            HostRows::BF16(v) => v.len(),
-        }
-    }
-
-    /// Append `src[start..end]` (element indices) to self; both must have the same dtype.
-    fn extend_from(&mut self, src: &HostRows, start: usize, end: usize) -> Result<(), EngineError> {
-        match (self, src) {
-            (HostRows::F32(d), HostRows::F32(s)) => d.extend_from_slice(&s[start..end]),
-            (HostRows::F16(d), HostRows::F16(s)) => d.extend_from_slice(&s[start..end]),
-            (HostRows::BF16(d), HostRows::BF16(s)) => d.extend_from_slice(&s[start..end]),
-            _ => {
-                return Err(run_err(
-                    "inputs_embeds",
-                    "image features and text embeddings differ in dtype",
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    fn from_value(v: &DynValue, what: &str) -> Result<(Vec<usize>, HostRows), EngineError> {
-        use ort::value::TensorElementType as T;
-        let ty = v.dtype().tensor_type();
-        let shape = |s: &ort::value::Shape| s.iter().map(|&d| d as usize).collect::<Vec<_>>();
-        match ty {
-            Some(T::Float32) => {
-                let (s, d) = v
-                    .try_extract_tensor::<f32>()
-                    .map_err(|e| run_err(what, e))?;
-                Ok((shape(s), HostRows::F32(d.to_vec())))
-            }
-            Some(T::Float16) => {
-                let (s, d) = v
-                    .try_extract_tensor::<f16>()
-                    .map_err(|e| run_err(what, e))?;
-                Ok((shape(s), HostRows::F16(d.to_vec())))
-            }
-            Some(T::Bfloat16) => {
-                let (s, d) = v
-                    .try_extract_tensor::<bf16>()
-                    .map_err(|e| run_err(what, e))?;
-                Ok((shape(s), HostRows::BF16(d.to_vec())))
-            }
-            other => Err(run_err(what, format!("unexpected element type {other:?}"))),
-        }
-    }
-
-    fn into_value(self, shape: Vec<usize>) -> Result<DynValue, EngineError> {
-        let v = match self {
-            HostRows::F32(d) => Tensor::from_array((shape, d)).map(|t| t.into_dyn()),
-            HostRows::F16(d) => Tensor::from_array((shape, d)).map(|t| t.into_dyn()),
-            HostRows::BF16(d) => Tensor::from_array((shape, d)).map(|t| t.into_dyn()),
-        };
-        v.map_err(|e| run_err("inputs_embeds", e))
     }
 }
 
@@ -706,43 +611,4 @@ pub(crate) fn read_logits<T>(
         return Err(run_err("logits", format!("unexpected shape {shape:?}")));
     }
     Ok(read(data, vocab))
-}
-
-/// What a session runs, which decides how its threads behave.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SessionRole {
-    /// Runs every token: the intra-op threads keep spinning between runs.
-    Decoder,
-    /// A row lookup per step: one thread, no pool to spin and take cores from the decoder.
-    Embed,
-    /// Heavy but once per image: all threads, which sleep instead of spinning when done.
-    Vision,
-}
-
-/// Build a session with the standard options (used by `providers`).
-pub(crate) fn session_builder(
-    opts: &LoadOptions,
-    role: SessionRole,
-) -> Result<ort::session::builder::SessionBuilder, String> {
-    let env = crate::ort_lib::environment().ok_or("ONNX Runtime is not initialised")?;
-    let mut b = Session::builder(env).map_err(|e| e.to_string())?;
-    b = b
-        .with_optimization_level(GraphOptimizationLevel::Level3)
-        .map_err(|e| e.to_string())?;
-    let threads = match role {
-        SessionRole::Embed => Some(1),
-        SessionRole::Decoder | SessionRole::Vision => opts.threads,
-    };
-    if let Some(n) = threads {
-        b = b.with_intra_threads(n).map_err(|e| e.to_string())?;
-    }
-    if role == SessionRole::Vision {
-        b = b.with_intra_op_spinning(false).map_err(|e| e.to_string())?;
-    }
-    if opts.parallel_prepack == Some(true) {
-        b = b
-            .with_config_entry("session.prepack.enable_parallel", "1")
-            .map_err(|e| e.to_string())?;
-    }
-    Ok(b)
 }

@@ -4,6 +4,7 @@ pub mod demo;
 pub mod device;
 pub mod engine;
 pub mod generate;
+mod host_rows;
 pub mod kv_shared;
 pub mod memory;
 pub mod ort_lib;

@@ -5,9 +5,10 @@ use std::path::Path;
 
 use carrot_contract::Manifest;
 use ort::session::Session;
+use ort::session::builder::GraphOptimizationLevel;
 
 use crate::device::{Device, DeviceError};
-use crate::engine::{EngineError, LoadOptions, SessionRole, session_builder};
+use crate::engine::{EngineError, LoadOptions};
 
 /// Resolve `auto` to a concrete device; check that a requested GPU provider is compiled in.
 pub fn resolve(device: &Device) -> Result<Device, DeviceError> {
@@ -151,4 +152,43 @@ fn tensorrt(
         .map_err(|e| e.to_string())?
         .with_disable_cpu_fallback()
         .map_err(|e| e.to_string())
+}
+
+/// What a session runs, which decides how its threads behave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionRole {
+    /// Runs every token: the intra-op threads keep spinning between runs.
+    Decoder,
+    /// A row lookup per step: one thread, no pool to spin and take cores from the decoder.
+    Embed,
+    /// Heavy but once per image: all threads, which sleep instead of spinning when done.
+    Vision,
+}
+
+/// Build a session with the standard options (used by `providers`).
+pub(crate) fn session_builder(
+    opts: &LoadOptions,
+    role: SessionRole,
+) -> Result<ort::session::builder::SessionBuilder, String> {
+    let env = crate::ort_lib::environment().ok_or("ONNX Runtime is not initialised")?;
+    let mut b = Session::builder(env).map_err(|e| e.to_string())?;
+    b = b
+        .with_optimization_level(GraphOptimizationLevel::Level3)
+        .map_err(|e| e.to_string())?;
+    let threads = match role {
+        SessionRole::Embed => Some(1),
+        SessionRole::Decoder | SessionRole::Vision => opts.threads,
+    };
+    if let Some(n) = threads {
+        b = b.with_intra_threads(n).map_err(|e| e.to_string())?;
+    }
+    if role == SessionRole::Vision {
+        b = b.with_intra_op_spinning(false).map_err(|e| e.to_string())?;
+    }
+    if opts.parallel_prepack == Some(true) {
+        b = b
+            .with_config_entry("session.prepack.enable_parallel", "1")
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(b)
 }
