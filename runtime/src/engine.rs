@@ -384,6 +384,7 @@ impl Engine {
             let capacity = max.min(crate::kv_shared::INITIAL_CAPACITY);
             let values = crate::kv_shared::allocate(
                 self.act,
+                crate::kv_shared::Placement::of(&self.device),
                 t.num_layers,
                 t.num_kv_heads,
                 capacity,
@@ -496,6 +497,7 @@ impl Engine {
                 crate::kv_shared::grow(
                     &mut cache.values,
                     self.act,
+                    crate::kv_shared::Placement::of(&self.device),
                     (t.num_kv_heads, t.head_dim),
                     input.past_len,
                     needed.max(2 * capacity).min(max),

@@ -2,7 +2,8 @@
 //! `max_sequence` positions, allocated once per sequence and bound with ONNX Runtime's I/O binding
 //! as both `past_key_values.{i}.*` and `present.{i}.*`. `GroupQueryAttention` sees the same memory
 //! on both sides and writes only the new positions into it, so nothing is reallocated or copied per
-//! token; only the logits come back as a new tensor. Buffers start at [`INITIAL_CAPACITY`]
+//! token; only the logits come back to the host. On CUDA and TensorRT the buffers live in device
+//! memory (zero-filled on the host once, copied over), so the cache never crosses PCIe per step. Buffers start at [`INITIAL_CAPACITY`]
 //! positions and double (one copy of the used positions) when a step would overflow them, up to
 //! the manifest's `max_sequence`, so a short conversation does not hold a full context's memory.
 
@@ -11,6 +12,7 @@ use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, Memory
 use ort::session::Session;
 use ort::value::{DynValue, PrimitiveTensorElementType, Tensor};
 
+use crate::device::Device;
 use crate::engine::{ActDType, EngineError};
 
 fn err(what: &str, e: impl std::fmt::Display) -> EngineError {
@@ -31,16 +33,59 @@ pub fn capacity(cache: &[DynValue]) -> usize {
         .map_or(0, |c| c.max(0) as usize)
 }
 
-/// Grow every buffer to `new_capacity` positions, keeping the first `used` of each head.
+/// Where the buffers live: host memory, or a CUDA device (for the CUDA and TensorRT providers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    Host,
+    Cuda(i32),
+}
+
+impl Placement {
+    pub fn of(device: &Device) -> Self {
+        match device {
+            Device::Cuda(id) | Device::TensorRt(id) => Placement::Cuda(*id),
+            Device::Cpu | Device::Auto => Placement::Host,
+        }
+    }
+
+    fn place(self, value: DynValue) -> Result<DynValue, EngineError> {
+        match self {
+            Placement::Host => Ok(value),
+            Placement::Cuda(id) => copy_to(&value, AllocationDevice::CUDA, id)
+                .map_err(|e| err("KV cache on the GPU", e)),
+        }
+    }
+
+    fn to_host(self, value: &DynValue) -> Result<DynValue, EngineError> {
+        copy_to(value, AllocationDevice::CPU, 0).map_err(|e| err("KV cache from the GPU", e))
+    }
+}
+
+/// A copy of the tensor `value` in the memory of `device`.
+fn copy_to(value: &DynValue, device: AllocationDevice, id: i32) -> ort::Result<DynValue> {
+    let tensor = value.view().downcast::<ort::value::DynTensorValueType>()?;
+    Ok(tensor.to(device, id)?.into_dyn())
+}
+
+/// Grow every buffer to `new_capacity` positions, keeping the first `used` of each head (device
+/// buffers make one round trip through the host; growth happens a logarithmic number of times).
 pub fn grow(
     cache: &mut [DynValue],
     act: ActDType,
+    placement: Placement,
     (kv_heads, head_dim): (usize, usize),
     used: usize,
     new_capacity: usize,
 ) -> Result<(), EngineError> {
     let old_capacity = capacity(cache);
-    let mut grown = allocate(act, cache.len() / 2, kv_heads, new_capacity, head_dim)?;
+    let mut grown = allocate(
+        act,
+        Placement::Host,
+        cache.len() / 2,
+        kv_heads,
+        new_capacity,
+        head_dim,
+    )?;
     let shape = Shape {
         kv_heads,
         head_dim,
@@ -49,6 +94,14 @@ pub fn grow(
         new_capacity,
     };
     for (old, new) in cache.iter().zip(grown.iter_mut()) {
+        let host;
+        let old = match placement {
+            Placement::Host => old,
+            Placement::Cuda(_) => {
+                host = placement.to_host(old)?;
+                &host
+            }
+        };
         match act {
             ActDType::F32 => copy_used::<f32>(old, new, &shape)?,
             ActDType::F16 => copy_used::<f16>(old, new, &shape)?,
@@ -56,7 +109,7 @@ pub fn grow(
         }
     }
     for (slot, value) in cache.iter_mut().zip(grown) {
-        *slot = value;
+        *slot = placement.place(value)?;
     }
     Ok(())
 }
@@ -90,19 +143,23 @@ fn copy_used<T: PrimitiveTensorElementType + Copy>(
 }
 
 /// `2 × layers` zero-filled buffers `[1, kv_heads, capacity, head_dim]` in the activation dtype,
-/// in decoder input order.
+/// in decoder input order, where `placement` says.
 pub fn allocate(
     act: ActDType,
+    placement: Placement,
     layers: usize,
     kv_heads: usize,
     capacity: usize,
     head_dim: usize,
 ) -> Result<Vec<DynValue>, EngineError> {
     (0..2 * layers)
-        .map(|_| match act {
-            ActDType::F32 => zeros::<f32>([1, kv_heads, capacity, head_dim], 0.0),
-            ActDType::F16 => zeros::<f16>([1, kv_heads, capacity, head_dim], f16::ZERO),
-            ActDType::BF16 => Err(err("KV cache", "no shared cache for bfloat16")),
+        .map(|_| {
+            let host = match act {
+                ActDType::F32 => zeros::<f32>([1, kv_heads, capacity, head_dim], 0.0),
+                ActDType::F16 => zeros::<f16>([1, kv_heads, capacity, head_dim], f16::ZERO),
+                ActDType::BF16 => Err(err("KV cache", "no shared cache for bfloat16")),
+            }?;
+            placement.place(host)
         })
         .collect()
 }
