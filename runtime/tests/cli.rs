@@ -328,9 +328,23 @@ fn with_manifest(edit: impl FnOnce(&mut serde_json::Value)) -> tempfile::TempDir
 /// (a zero image size, a hidden size the graphs disagree with), never a panic.
 #[test]
 fn unusable_manifests_are_one_line_errors() {
-    let zero = with_manifest(|m| m["vision"]["image_size"] = 0.into());
-    let out = carrot()
-        .args([
+    let image = root().join("fixtures/images/chelsea.png");
+    let cases: [(fn(&mut serde_json::Value), bool, &str); 2] = [
+        (
+            |m| m["vision"]["image_size"] = 0.into(),
+            true,
+            "vision.image_size is 0",
+        ),
+        (
+            |m| m["text"]["hidden_size"] = 64.into(),
+            false,
+            "text.hidden_size 64",
+        ),
+    ];
+    for (edit, with_image, needle) in cases {
+        let dir = with_manifest(edit);
+        let mut cmd = carrot();
+        cmd.args([
             "generate",
             "--prompt",
             "hi",
@@ -338,25 +352,10 @@ fn unusable_manifests_are_one_line_errors() {
             "2",
             "--model",
         ])
-        .arg(zero.path())
-        .arg("--image")
-        .arg(root().join("fixtures/images/chelsea.png"))
-        .output()
-        .expect("run carrot");
-    assert_one_line_error(&out, "vision.image_size is 0");
-
-    let wide = with_manifest(|m| m["text"]["hidden_size"] = 64.into());
-    let out = carrot()
-        .args([
-            "generate",
-            "--prompt",
-            "hi",
-            "--max-new-tokens",
-            "2",
-            "--model",
-        ])
-        .arg(wide.path())
-        .output()
-        .expect("run carrot");
-    assert_one_line_error(&out, "text.hidden_size 64");
+        .arg(dir.path());
+        if with_image {
+            cmd.arg("--image").arg(&image);
+        }
+        assert_one_line_error(&cmd.output().expect("run carrot"), needle);
+    }
 }

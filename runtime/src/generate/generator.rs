@@ -191,14 +191,7 @@ impl<'a, M: Model, D: Decode + ?Sized> Generation<'a, M, D> {
     }
 
     fn into_output(self) -> Output {
-        Output {
-            token_ids: self.stream.ids().to_vec(),
-            text: self.stream.text().to_owned(),
-            prompt_tokens: self.prompt_len,
-            reused_positions: self.reused,
-            finish_reason: self.finish_reason.unwrap_or(FinishReason::Length),
-            timings: self.timings,
-        }
+        self.into_parts().0
     }
 
     fn advance(&mut self) -> Result<Option<Event>, GenerateError> {
