@@ -329,7 +329,8 @@ fn with_manifest(edit: impl FnOnce(&mut serde_json::Value)) -> tempfile::TempDir
 #[test]
 fn unusable_manifests_are_one_line_errors() {
     let image = root().join("fixtures/images/chelsea.png");
-    let cases: [(fn(&mut serde_json::Value), bool, &str); 2] = [
+    type Case = (fn(&mut serde_json::Value), bool, &'static str);
+    let cases: [Case; 2] = [
         (
             |m| m["vision"]["image_size"] = 0.into(),
             true,
