@@ -481,16 +481,13 @@ impl Engine {
             .map_err(|e| run_err("position_ids", e))?;
 
         if let Some(max) = self.manifest.max_sequence.filter(|_| self.shared_cache()) {
-            if input.past_len + seq > max {
+            let needed = input.past_len + seq;
+            if needed > max {
                 return Err(run_err(
                     "decoder.onnx",
-                    format!(
-                        "{} positions do not fit the KV cache of max_sequence {max}",
-                        input.past_len + seq
-                    ),
+                    format!("{needed} positions do not fit the KV cache of max_sequence {max}"),
                 ));
             }
-            let needed = input.past_len + seq;
             let capacity = crate::kv_shared::capacity(&cache.values);
             if needed > capacity {
                 let t = &self.manifest.text;
@@ -515,7 +512,7 @@ impl Engine {
                 (&self.past_names, &self.present_names),
                 read,
             )?;
-            cache.len = input.past_len + seq;
+            cache.len = needed;
             return Ok(result);
         }
         let layers = self.manifest.text.num_layers;

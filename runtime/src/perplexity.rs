@@ -87,18 +87,22 @@ pub fn perplexity(
     let all = engine.manifest.logits == "all";
     let spans = windows(ids.len(), context);
     let (mut sum, mut scored) = (0f64, 0usize);
+    // One cache and one all-ones mask serve every window: each window starts from an emptied cache
+    // (a shared buffer keeps its capacity) and reads a prefix of the mask.
+    let mut cache = engine.empty_cache()?;
+    let mask = vec![1i64; context.min(ids.len())];
     for span in &spans {
         let window = &ids[span.clone()];
-        let mut cache = engine.empty_cache()?;
+        engine.truncate(&mut cache, 0)?;
         if all {
             let positions: Vec<i64> = (0..window.len() as i64).collect();
-            let mask = vec![1i64; window.len()];
+            let mask = &mask[..window.len()];
             let segments = [Segment::Tokens(window)];
             let input = StepInput {
                 segments: &segments,
                 images: &[],
                 position_ids: &positions,
-                attention_mask: &mask,
+                attention_mask: mask,
                 past_len: 0,
             };
             sum += engine.run_decoder(&mut cache, &input, |logits, vocab| {
@@ -114,12 +118,11 @@ pub fn perplexity(
             for (j, &id) in window[..window.len() - 1].iter().enumerate() {
                 let token = [id];
                 let segments = [Segment::Tokens(&token)];
-                let mask = vec![1i64; j + 1];
                 let input = StepInput {
                     segments: &segments,
                     images: &[],
                     position_ids: &[j as i64],
-                    attention_mask: &mask,
+                    attention_mask: &mask[..j + 1],
                     past_len: j,
                 };
                 let target = window[j + 1] as usize;
