@@ -357,11 +357,7 @@ impl Pipeline {
         mut on_event: impl FnMut(Event),
     ) -> Result<Answer, PipelineError> {
         let sentinel = self.engine.manifest.prompt.image_token_index;
-        let request = Request {
-            prompt: split_prompt(prompt_ids, sentinel)?,
-            images: conversation.images.clone(),
-            options: self.options(params),
-        };
+        let prompt = split_prompt(prompt_ids, sentinel)?;
         let common = conversation
             .cached_ids
             .iter()
@@ -372,21 +368,19 @@ impl Pipeline {
             &split_prompt(&prompt_ids[..common], sentinel)?,
             crate::generate::Model::num_image_tokens(&self.engine),
         );
-        let mut generation = match conversation.cache.take() {
-            Some(cache) => generate::Generation::resume(
-                &mut self.engine,
-                &self.tokenizer,
-                &request,
-                cache,
-                cached,
-            )?,
-            None => generate::Generation::new(&mut self.engine, &self.tokenizer, &request)?,
+        // The request borrows the conversation's image features for this turn and gives them back
+        // whatever happens, so they are encoded and copied once per conversation.
+        let options = self.options(params);
+        let mut request = Request {
+            prompt,
+            images: std::mem::take(&mut conversation.images),
+            options,
         };
+        let cache = conversation.cache.take();
         conversation.cached_ids.clear();
-        while let Some(event) = generation.next_event()? {
-            on_event(event);
-        }
-        let (output, cache) = generation.into_parts();
+        let result = self.run_turn(&request, cache, cached, &mut on_event);
+        conversation.images = std::mem::take(&mut request.images);
+        let (output, cache) = result?;
         conversation.cache = Some(cache);
         conversation.cached_ids = prompt_ids.to_vec();
         let fed = output.token_ids.len().saturating_sub(1);
@@ -398,6 +392,33 @@ impl Pipeline {
             prompt_ids: prompt_ids.to_vec(),
             vision_ms: 0.0,
         })
+    }
+}
+
+impl Pipeline {
+    /// One conversation turn: from `cache` (holding the first `cached` positions) when there is
+    /// one, else from scratch; returns the output and the cache it leaves.
+    fn run_turn(
+        &mut self,
+        request: &Request<ImageFeatures>,
+        cache: Option<KvCache>,
+        cached: usize,
+        on_event: &mut impl FnMut(Event),
+    ) -> Result<(Output, KvCache), PipelineError> {
+        let mut generation = match cache {
+            Some(cache) => generate::Generation::resume(
+                &mut self.engine,
+                &self.tokenizer,
+                request,
+                cache,
+                cached,
+            )?,
+            None => generate::Generation::new(&mut self.engine, &self.tokenizer, request)?,
+        };
+        while let Some(event) = generation.next_event()? {
+            on_event(event);
+        }
+        Ok(generation.into_parts())
     }
 }
 
