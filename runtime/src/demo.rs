@@ -65,6 +65,25 @@ pub fn export_fixture(
     logits: carrot_graphs::llama::Logits,
     progress: bool,
 ) -> anyhow::Result<carrot_export::pipeline::ExportSummary> {
+    export_fixture_as(
+        name,
+        out,
+        carrot_export::pipeline::WeightFormat::Float(dtype),
+        "portable",
+        logits,
+        progress,
+    )
+}
+
+/// [`export_fixture`] in any weight format and graph flavor.
+pub fn export_fixture_as(
+    name: &str,
+    out: &Path,
+    format: carrot_export::pipeline::WeightFormat,
+    flavor: &str,
+    logits: carrot_graphs::llama::Logits,
+    progress: bool,
+) -> anyhow::Result<carrot_export::pipeline::ExportSummary> {
     let root = repo_root()?;
     let tokenizer = llama3_tokenizer_dir()?;
     let plan = carrot_export::pipeline::ExportPlan {
@@ -73,8 +92,8 @@ pub fn export_fixture(
         base: None,
         loras: Vec::new(),
         vision_tower: None,
-        format: carrot_export::pipeline::WeightFormat::Float(dtype),
-        flavor: "portable".into(),
+        format,
+        flavor: flavor.into(),
         logits,
         force: true,
         progress,

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use carrot_export::pipeline::{ExportPlan, WeightFormat, export};
+use carrot_export::pipeline::WeightFormat;
 use carrot_graphs::config::DType;
 use carrot_graphs::llama::Logits;
 use carrot_runtime::engine::LoadOptions;
@@ -21,23 +21,9 @@ fn root() -> PathBuf {
 
 fn export_fixture(name: &str, flavor: &str, dir: &Path) -> PathBuf {
     let out = dir.join(format!("{name}-{flavor}"));
-    let plan = ExportPlan {
-        model: root().join("fixtures/models").join(name),
-        out: out.clone(),
-        base: None,
-        loras: Vec::new(),
-        vision_tower: None,
-        format: WeightFormat::Float(DType::F32),
-        flavor: flavor.into(),
-        logits: Logits::Last,
-        force: false,
-        progress: false,
-    };
-    export(&plan).unwrap_or_else(|e| panic!("exporting {name} ({flavor}): {e}"));
-    let tokenizer = carrot_runtime::demo::llama3_tokenizer_dir().expect("the Llama 3 tokenizer");
-    for leaf in ["tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(tokenizer.join(leaf), out.join(leaf)).expect("copying the tokenizer");
-    }
+    let fp32 = WeightFormat::Float(DType::F32);
+    carrot_runtime::demo::export_fixture_as(name, &out, fp32, flavor, Logits::Last, false)
+        .unwrap_or_else(|e| panic!("exporting {name} ({flavor}): {e:#}"));
     out
 }
 

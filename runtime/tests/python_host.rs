@@ -231,23 +231,9 @@ fn python_host_matches_carrot_on_the_ort_flavor() {
     let Some(python) = python() else { return };
     let tmp = tempfile::tempdir().expect("temporary directory");
     let out = tmp.path().join("carrot-tiny-ort");
-    let plan = carrot_export::pipeline::ExportPlan {
-        model: workspace().join("fixtures/models/carrot-tiny"),
-        out: out.clone(),
-        base: None,
-        loras: Vec::new(),
-        vision_tower: None,
-        format: carrot_export::pipeline::WeightFormat::parse("int4").expect("int4"),
-        flavor: "ort".into(),
-        logits: Logits::Last,
-        force: false,
-        progress: false,
-    };
-    carrot_export::pipeline::export(&plan).unwrap_or_else(|e| panic!("ort flavor export: {e}"));
-    let tokenizer = carrot_runtime::demo::llama3_tokenizer_dir().expect("the Llama 3 tokenizer");
-    for leaf in ["tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(tokenizer.join(leaf), out.join(leaf)).expect("copying the tokenizer");
-    }
+    let int4 = carrot_export::pipeline::WeightFormat::parse("int4").expect("int4");
+    carrot_runtime::demo::export_fixture_as("carrot-tiny", &out, int4, "ort", Logits::Last, false)
+        .unwrap_or_else(|e| panic!("ort flavor export: {e:#}"));
     let mut pipeline = Pipeline::load(&out, &LoadOptions::default()).expect("loading the export");
     assert_eq!(pipeline.engine.manifest.kv_cache, "shared");
     let record = golden("carrot_image");
