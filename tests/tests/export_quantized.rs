@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use carrot_contract::names;
 use carrot_graphs::config::DType;
 use carrot_tests::export_util::{
-    Goldens, Layout, Output, argmax_rows, exported, exported_format, golden_feeds, int_format,
-    ort_env, read_model, run, session,
+    Goldens, Layout, Output, argmax_rows, exported_format, golden_feeds, int_format, ort_env,
+    read_model, run, session,
 };
 use ndarray::Array2;
 use ort::value::Tensor;
@@ -122,7 +122,8 @@ fn int4_decoder_tracks_the_reference() {
     );
 }
 
-/// The quantized embedding returns the float table's rows up to the quantization step.
+/// The quantized embedding returns the checkpoint's own table rows (carrot-tiny's fp16
+/// `model.embed_tokens.weight`) up to the quantization step.
 #[test]
 fn quantized_embeddings_dequantize_to_the_table() {
     let ids: Vec<i64> = vec![0, 1, 128_000, 128_255, 42, 9_999];
@@ -140,7 +141,7 @@ fn quantized_embeddings_dequantize_to_the_table() {
         assert_eq!(shape.to_vec(), vec![2, 3, HIDDEN as i64]);
         data.to_vec()
     };
-    let reference = feed(&exported(Layout::Merged, DType::F32).graph(names::EMBED_GRAPH));
+    let reference = checkpoint_rows("model.embed_tokens.weight", &ids);
     let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
     for (dtype, bound) in [("int8", 0.01), ("int4", 0.1)] {
         let got =
@@ -156,6 +157,37 @@ fn quantized_embeddings_dequantize_to_the_table() {
         );
         assert!(err > 0.0, "{dtype}: the embedding was not quantized");
     }
+}
+
+/// Rows `ids` of the fp16 matrix `name` in carrot-tiny's sharded checkpoint, as float32.
+fn checkpoint_rows(name: &str, ids: &[i64]) -> Vec<f32> {
+    let dir = carrot_tests::export_util::fixture_model("carrot-tiny");
+    let index: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("model.safetensors.index.json"))
+            .unwrap_or_else(|e| panic!("index: {e}")),
+    )
+    .unwrap_or_else(|e| panic!("index: {e}"));
+    let shard = index["weight_map"][name]
+        .as_str()
+        .unwrap_or_else(|| panic!("{name} is not in the index"));
+    let bytes = std::fs::read(dir.join(shard)).unwrap_or_else(|e| panic!("{shard}: {e}"));
+    let st =
+        safetensors::SafeTensors::deserialize(&bytes).unwrap_or_else(|e| panic!("{shard}: {e}"));
+    let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert_eq!(t.dtype(), safetensors::Dtype::F16, "{name} dtype");
+    let cols = t.shape()[1];
+    let values: Vec<f32> = t
+        .data()
+        .chunks_exact(2)
+        .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+        .collect();
+    ids.iter()
+        .flat_map(|&id| {
+            values[id as usize * cols..(id as usize + 1) * cols]
+                .iter()
+                .copied()
+        })
+        .collect()
 }
 
 /// Every linear and the lm_head is `DequantizeLinear(axis 0, block) → MatMul`, and ONNX Runtime's
