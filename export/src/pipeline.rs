@@ -335,7 +335,7 @@ pub fn export(plan: &ExportPlan) -> Result<ExportSummary, PipelineError> {
     }
     bar.finish_and_clear();
 
-    let manifest = build_manifest(plan, &model, dtype, &preprocessing);
+    let manifest = build_manifest(plan, &model, (dtype, flavor), &preprocessing);
     let manifest_path = tmp.path.join(names::MANIFEST_FILE);
     std::fs::write(&manifest_path, manifest.to_json()).map_err(io(&manifest_path))?;
     files.push((names::MANIFEST_FILE.to_string(), file_len(&manifest_path)));
@@ -456,7 +456,7 @@ fn move_into_place(tmp: &Path, out: &Path, force: bool) -> Result<(), PipelineEr
 fn build_manifest(
     plan: &ExportPlan,
     model: &ResolvedModel,
-    dtype: DType,
+    (dtype, flavor): (DType, Flavor),
     pre: &crate::preprocessor::Preprocessing,
 ) -> Manifest {
     let text = &model.text;
@@ -481,10 +481,8 @@ fn build_manifest(
     let max_length = mm
         .and_then(|m| m.settings.tokenizer_model_max_length)
         .unwrap_or(text.max_position_embeddings);
-    // The `ort` flavor's GroupQueryAttention writes into one buffer per layer bound as both past
-    // and present (it keeps the portable attention, with concatenated caches, where its kernel
-    // does not apply).
-    let shared_cache = plan.flavor == "ort" && carrot_graphs::gqa::supports(text);
+    // GroupQueryAttention writes into one buffer per layer bound as both past and present.
+    let shared_cache = llama::uses_gqa(flavor, text);
     let sampling = if gen_cfg.do_sample == Some(false) {
         (0.0, 1.0)
     } else {
@@ -511,7 +509,7 @@ fn build_manifest(
         },
         dtype: plan.format.name().into(),
         activation_dtype: dtype.manifest_name().into(),
-        flavor: plan.flavor.clone(),
+        flavor: flavor.manifest_name().into(),
         kv_cache: if shared_cache { "shared" } else { "concat" }.into(),
         logits: plan.logits.manifest_name().into(),
         graphs: manifest::Graphs {

@@ -117,11 +117,7 @@ fn quantized_embedding(
     spec: QuantSpec,
 ) -> Result<Value> {
     let (vocab, hidden) = (cfg.vocab_size, cfg.hidden_size);
-    if ctx.dtype != crate::config::DType::F32 {
-        return Err(GraphError::Config(
-            "a quantized embedding produces float32 activations".into(),
-        ));
-    }
+    ctx.check_quantized_activations()?;
     let q = BlockQuantized::quantize(&table.data, vocab, hidden, spec);
     let blocks = q.blocks();
     let packed = q.row_major();
@@ -240,7 +236,7 @@ pub fn build_decoder(
         pasts.push((k, v));
     }
 
-    let shared = if uses_gqa(ctx, cfg) {
+    let shared = if uses_gqa(ctx.flavor, cfg) {
         AttnShared::Gqa(crate::gqa::shared_inputs(ctx, cfg, inv_freq, &mask)?)
     } else {
         AttnShared::Portable(crate::eager_attention::shared_inputs(
@@ -315,9 +311,9 @@ pub fn build_decoder(
 }
 
 /// The `ort` flavor attends with `GroupQueryAttention` where ONNX Runtime's kernel supports the
-/// head size.
-fn uses_gqa(ctx: &Ctx<'_>, cfg: &TextConfig) -> bool {
-    ctx.flavor == Flavor::Ort && crate::gqa::supports(cfg)
+/// head size; such a decoder can keep its KV cache in one shared past/present buffer.
+pub fn uses_gqa(flavor: Flavor, cfg: &TextConfig) -> bool {
+    flavor == Flavor::Ort && crate::gqa::supports(cfg)
 }
 
 /// `LlamaMLP`: `down(silu(gate(x)) * up(x))`.

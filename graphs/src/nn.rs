@@ -45,6 +45,18 @@ impl Ctx<'_> {
         ElemType::from(self.dtype)
     }
 
+    /// Quantized weights dequantize to float32 (`DequantizeLinear` with float32 scales,
+    /// `MatMulNBits` on float32 inputs): a quantized graph must have float32 activations.
+    pub fn check_quantized_activations(&self) -> Result<()> {
+        if self.quant.is_some() && self.dtype != DType::F32 {
+            return Err(GraphError::Config(format!(
+                "quantized weights need float32 activations, not {}",
+                self.dtype.manifest_name()
+            )));
+        }
+        Ok(())
+    }
+
     /// Fetch `name` from the weight source and check its shape.
     pub fn fetch(&mut self, name: &str, expected: &[usize]) -> Result<Tensor> {
         let t = self.weights.tensor(name)?;
@@ -184,6 +196,7 @@ pub fn matmul_weight(
             });
         }
     };
+    ctx.check_quantized_activations()?;
     if let (Some(spec), Flavor::Ort) = (ctx.quant, ctx.flavor) {
         return matmul_nbits(ctx, scope, name, w, x, spec, (out_f, in_f));
     }
@@ -224,16 +237,7 @@ pub fn matmul_weight(
                 .attr_int("block_size", spec.block_size as i64)
                 .build();
             ctx.b.pop_scope();
-            let w = r?;
-            if ctx.dtype == DType::F32 {
-                w
-            } else {
-                let elem = ctx.elem();
-                ctx.b.push_scope(scope);
-                let r = ctx.b.cast("Cast", &w, elem);
-                ctx.b.pop_scope();
-                r?
-            }
+            r?
         }
     };
     ctx.b.push_scope(scope);
@@ -436,4 +440,54 @@ pub fn silu(ctx: &mut Ctx<'_>, scope: &str, x: &Value) -> Result<Value> {
 pub fn softmax_f32(ctx: &mut Ctx<'_>, scores32: &Value) -> Result<Value> {
     let p = ctx.b.softmax("Softmax", scores32, -1)?;
     ctx.from_f32("Cast_softmax", &p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::Bits;
+
+    struct Ones;
+
+    impl WeightSource for Ones {
+        fn tensor(&mut self, _name: &str) -> std::result::Result<Tensor, WeightError> {
+            Ok(Tensor::new(vec![4, 32], vec![1.0; 128]))
+        }
+    }
+
+    #[test]
+    fn quantized_linears_refuse_half_precision_activations() {
+        for (dtype, ok) in [
+            (DType::F32, true),
+            (DType::F16, false),
+            (DType::BF16, false),
+        ] {
+            let mut b = GraphBuilder::new("g");
+            let x = b
+                .input(
+                    "x",
+                    ElemType::from(dtype),
+                    &[crate::builder::Dim::Fixed(32)],
+                )
+                .unwrap_or_else(|e| panic!("{e}"));
+            let mut ctx = Ctx {
+                b: &mut b,
+                weights: &mut Ones,
+                dtype,
+                quant: Some(QuantSpec {
+                    bits: Bits::Int4,
+                    block_size: 32,
+                }),
+                flavor: Flavor::Portable,
+            };
+            let r = linear(&mut ctx, "proj", "proj", &x, 32, 4, false);
+            match (ok, r) {
+                (true, Ok(_)) => {}
+                (false, Err(GraphError::Config(msg))) => {
+                    assert!(msg.contains("float32 activations"), "{msg}")
+                }
+                (ok, r) => panic!("{dtype:?}: expected ok={ok}, got {:?}", r.err()),
+            }
+        }
+    }
 }
