@@ -213,22 +213,28 @@ fn spec(name: impl Into<String>, shape: &[usize]) -> Spec {
     }
 }
 
-/// `LlamaForCausalLM` parameters in module order, `lm_head.weight` last.
-fn llama_specs(t: &TextDims) -> Vec<Spec> {
+/// The seven linears of a `LlamaDecoderLayer`: module path and `[out, in]`.
+fn layer_linears(t: &TextDims) -> [(&'static str, usize, usize); 7] {
     let (h, i) = (t.hidden, t.intermediate);
     let (q, kv) = (t.heads * t.head_dim, t.kv_heads * t.head_dim);
+    [
+        ("self_attn.q_proj", q, h),
+        ("self_attn.k_proj", kv, h),
+        ("self_attn.v_proj", kv, h),
+        ("self_attn.o_proj", h, q),
+        ("mlp.gate_proj", i, h),
+        ("mlp.up_proj", i, h),
+        ("mlp.down_proj", h, i),
+    ]
+}
+
+/// `LlamaForCausalLM` parameters in module order, `lm_head.weight` last.
+fn llama_specs(t: &TextDims) -> Vec<Spec> {
+    let h = t.hidden;
     let mut out = vec![spec("model.embed_tokens.weight", &[t.vocab, h])];
     for layer in 0..t.layers {
         let p = format!("model.layers.{layer}");
-        for (name, rows, cols) in [
-            ("self_attn.q_proj", q, h),
-            ("self_attn.k_proj", kv, h),
-            ("self_attn.v_proj", kv, h),
-            ("self_attn.o_proj", h, q),
-            ("mlp.gate_proj", i, h),
-            ("mlp.up_proj", i, h),
-            ("mlp.down_proj", h, i),
-        ] {
+        for (name, rows, cols) in layer_linears(t) {
             out.push(spec(format!("{p}.{name}.weight"), &[rows, cols]));
         }
         out.push(spec(format!("{p}.input_layernorm.weight"), &[h]));
@@ -333,19 +339,9 @@ fn projector_specs(prefix: &str, input: usize, output: usize) -> Vec<Spec> {
 
 /// peft's `lora_A` [r, in] / `lora_B` [out, r] for the 7 linears of every layer.
 fn lora_specs(t: &TextDims, r: usize) -> Vec<Spec> {
-    let (h, i) = (t.hidden, t.intermediate);
-    let (q, kv) = (t.heads * t.head_dim, t.kv_heads * t.head_dim);
     let mut out = Vec::new();
     for layer in 0..t.layers {
-        for (module, rows, cols) in [
-            ("self_attn.q_proj", q, h),
-            ("self_attn.k_proj", kv, h),
-            ("self_attn.v_proj", kv, h),
-            ("self_attn.o_proj", h, q),
-            ("mlp.gate_proj", i, h),
-            ("mlp.up_proj", i, h),
-            ("mlp.down_proj", h, i),
-        ] {
+        for (module, rows, cols) in layer_linears(t) {
             let p = format!("base_model.model.model.layers.{layer}.{module}");
             out.push(spec(format!("{p}.lora_A.weight"), &[r, cols]));
             out.push(spec(format!("{p}.lora_B.weight"), &[rows, r]));
