@@ -238,23 +238,7 @@ fn python_host_matches_carrot_on_the_ort_flavor() {
     assert_eq!(pipeline.engine.manifest.kv_cache, "shared");
     let record = golden("carrot_image");
     let host = run_host(&python, &out, &record);
-    let images = [ImageSource::Path(
-        workspace()
-            .join("fixtures/images")
-            .join(record.image.as_deref().expect("an image")),
-    )];
-    let params = Params {
-        max_new_tokens: Some(record.output_ids.len()),
-        temperature: Some(0.0),
-        ..Params::default()
-    };
-    let prompt = Prompt::Text {
-        text: record.prompt().to_owned(),
-        raw: false,
-    };
-    let answer = pipeline
-        .generate(&prompt, &images, &params, |_| {})
-        .unwrap_or_else(|e| panic!("carrot: {e}"));
+    let answer = carrot_answer(&mut pipeline, &record);
     assert_eq!(host.prompt_ids, answer.prompt_ids, "prompt ids");
     assert_eq!(
         host.token_ids, answer.output.token_ids,
