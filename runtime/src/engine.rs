@@ -131,6 +131,8 @@ pub struct Engine {
     /// `past_key_values.{i}.*` and `present.{i}.*` in layer order, made once at load.
     past_names: Vec<String>,
     present_names: Vec<String>,
+    /// Where a shared-cache step binds its logits.
+    logits_memory: ort::memory::MemoryInfo<'static>,
     /// Time spent creating sessions.
     pub load_ms: f64,
 }
@@ -208,6 +210,7 @@ impl Engine {
             act,
             past_names: names::decoder_inputs(manifest.text.num_layers).split_off(3),
             present_names: names::decoder_outputs(manifest.text.num_layers).split_off(1),
+            logits_memory: crate::kv_shared::host_memory()?,
             load_ms: 0.0,
             manifest,
         };
@@ -510,6 +513,7 @@ impl Engine {
                 inputs,
                 &mut cache.values,
                 (&self.past_names, &self.present_names),
+                &self.logits_memory,
                 read,
             )?;
             cache.len = needed;

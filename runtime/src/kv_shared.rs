@@ -22,6 +22,17 @@ fn err(what: &str, e: impl std::fmt::Display) -> EngineError {
     }
 }
 
+/// Host memory, where the logits of every step are bound (made once per engine).
+pub fn host_memory() -> Result<MemoryInfo<'static>, EngineError> {
+    MemoryInfo::new(
+        AllocationDevice::CPU,
+        0,
+        AllocatorType::Device,
+        MemoryType::Default,
+    )
+    .map_err(|e| err("host memory info", e))
+}
+
 /// Positions a new cache holds before it first grows.
 pub const INITIAL_CAPACITY: usize = 256;
 
@@ -183,6 +194,7 @@ pub fn run<T>(
     inputs: Vec<(&str, DynValue)>,
     cache: &mut [DynValue],
     (past_names, present_names): (&[String], &[String]),
+    logits_memory: &MemoryInfo<'_>,
     read: impl FnOnce(&[f32], usize) -> T,
 ) -> Result<T, EngineError> {
     let bind = |e| err("decoder.onnx I/O binding", e);
@@ -194,15 +206,8 @@ pub fn run<T>(
         binding.bind_input(past.as_str(), &*value).map_err(bind)?;
         binding.bind_output(present.as_str(), value).map_err(bind)?;
     }
-    let cpu = MemoryInfo::new(
-        AllocationDevice::CPU,
-        0,
-        AllocatorType::Device,
-        MemoryType::Default,
-    )
-    .map_err(bind)?;
     binding
-        .bind_output_to_device(carrot_contract::names::LOGITS, &cpu)
+        .bind_output_to_device(carrot_contract::names::LOGITS, logits_memory)
         .map_err(bind)?;
     let outputs = decoder
         .run_binding(&binding)
