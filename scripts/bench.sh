@@ -29,5 +29,5 @@ fi
 
 PYTHON="$VENV/bin/python" bash scripts/fetch-smollm2.sh
 
-cargo build --release --locked -p carrot-runtime -p carrot-export -p carrot-bench
+cargo build --release --locked -p carrot -p carrot-export -p carrot-bench
 exec target/release/carrot-bench "$@"

@@ -11,7 +11,7 @@ cd "$ROOT"
 OUT="${1:-target/gpu-bundle.tar.xz}"
 bash scripts/setup.sh >/dev/null
 
-cargo build --release --locked -p carrot-runtime --features cuda,tensorrt --bin carrot
+cargo build --release --locked -p carrot --features cuda,tensorrt --bin carrot
 cargo build --release --locked -p carrot-export --bin carrot-export --example synth_carrot
 
 STAGE="$(mktemp -d)"

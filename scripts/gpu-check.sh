@@ -26,7 +26,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 status=0
 for feature in cuda tensorrt; do
   echo "== $feature ==" | tee -a "$LOG"
-  if cargo test --release -p carrot-runtime --features "$feature" --test gpu -- --nocapture --test-threads 1 >>"$LOG" 2>&1; then
+  if cargo test --release -p carrot --features "$feature" --test gpu -- --nocapture --test-threads 1 >>"$LOG" 2>&1; then
     echo "gpu-check: $feature PASSED" | tee -a "$LOG"
   else
     echo "gpu-check: $feature FAILED (see $LOG)" | tee -a "$LOG"

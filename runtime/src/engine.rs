@@ -215,10 +215,14 @@ impl Engine {
             manifest,
         };
         engine.check_interfaces()?;
-        Ok(Engine {
-            load_ms: start.elapsed().as_secs_f64() * 1e3,
-            ..engine
-        })
+        let load_ms = start.elapsed().as_secs_f64() * 1e3;
+        tracing::debug!(
+            dir = %dir.display(),
+            device = %engine.device,
+            parallel_prepack = ?opts.parallel_prepack,
+            "sessions created in {load_ms:.0} ms"
+        );
+        Ok(Engine { load_ms, ..engine })
     }
 
     fn check_interfaces(&self) -> Result<(), EngineError> {

@@ -1,6 +1,7 @@
-//! Runtime for exported Carrot graphs.
+//! Runtime for exported Carrot graphs: ONNX Runtime sessions with the KV cache kept where they run,
+//! SigLIP preprocessing, Bunny prompts, generation and perplexity. The `carrot` command is the
+//! `carrot` crate.
 
-pub mod demo;
 pub mod device;
 pub mod engine;
 pub mod generate;
@@ -13,4 +14,3 @@ pub mod pipeline;
 pub mod preprocess;
 pub mod prompt;
 pub mod providers;
-pub mod serve;

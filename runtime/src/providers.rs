@@ -25,7 +25,7 @@ pub fn resolve(device: &Device) -> Result<Device, DeviceError> {
         Device::Cuda(_) | Device::TensorRt(_) => Ok(device.clone()),
         Device::Auto => {
             let chosen = auto_choice();
-            eprintln!("device auto: using {chosen}");
+            tracing::info!("device auto: using {chosen}");
             Ok(chosen)
         }
     }

@@ -22,7 +22,7 @@ fn root() -> PathBuf {
 fn export_fixture(name: &str, flavor: &str, dir: &Path) -> PathBuf {
     let out = dir.join(format!("{name}-{flavor}"));
     let fp32 = WeightFormat::Float(DType::F32);
-    carrot_runtime::demo::export_fixture_as(name, &out, fp32, flavor, Logits::Last, false)
+    carrot::demo::export_fixture_as(name, &out, fp32, flavor, Logits::Last, false)
         .unwrap_or_else(|e| panic!("exporting {name} ({flavor}): {e:#}"));
     out
 }

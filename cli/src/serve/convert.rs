@@ -6,8 +6,8 @@
 use super::error::ApiError;
 use super::image_url::image_source;
 use super::openai::{ChatMessage, ChatRequest};
-use crate::pipeline::{ImageSource, Params};
-use crate::prompt::{Message, Turn};
+use carrot_runtime::pipeline::{ImageSource, Params};
+use carrot_runtime::prompt::{Message, Turn};
 
 /// Most stop strings one request may give.
 pub const MAX_STOP_STRINGS: usize = 16;

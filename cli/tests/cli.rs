@@ -20,7 +20,7 @@ fn exported() -> &'static Path {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
     DIR.get_or_init(|| {
         let tmp = tempfile::tempdir().expect("tempdir");
-        carrot_runtime::demo::export_fixture(
+        carrot::demo::export_fixture(
             "carrot-tiny",
             &tmp.path().join("carrot-tiny"),
             carrot_graphs::config::DType::F32,

@@ -35,8 +35,8 @@ pub use error::ApiError;
 pub use stop::{Filtered, StopText};
 pub use worker::{Queue, Worker};
 
-use crate::engine::LoadOptions;
-use crate::pipeline::Pipeline;
+use carrot_runtime::engine::LoadOptions;
+use carrot_runtime::pipeline::Pipeline;
 
 /// `carrot serve` flags besides the runtime ones (device, ORT library, threads).
 #[derive(clap::Args, Debug, Clone)]
@@ -261,12 +261,12 @@ pub fn run(args: &ServeArgs, load: &LoadOptions) -> anyhow::Result<()> {
     };
     let model = settings.model.clone();
     let (router, worker) = router(pipeline, settings)?;
-    eprintln!(
-        "carrot serve: {model} on http://{addr} (POST /v1/chat/completions, GET /health); Ctrl-C stops"
+    tracing::info!(
+        "serving {model} on http://{addr} (POST /v1/chat/completions, GET /health); Ctrl-C stops"
     );
     runtime.block_on(serve(listener, router, async {
         shutdown_signal().await;
-        eprintln!("carrot serve: stopping; finishing requests in flight");
+        tracing::info!("stopping; finishing requests in flight");
     }))?;
     worker.join();
     Ok(())

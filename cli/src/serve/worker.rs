@@ -13,9 +13,9 @@ use tokio::sync::mpsc;
 use super::convert::{JobInput, JobPrompt};
 use super::error::ApiError;
 use super::stop::{Filtered, StopText};
-use crate::engine::ImageFeatures;
-use crate::generate::{Event, Generation, Request};
-use crate::pipeline::{Pipeline, Prompt, split_prompt};
+use carrot_runtime::engine::ImageFeatures;
+use carrot_runtime::generate::{Event, Generation, Request};
+use carrot_runtime::pipeline::{Pipeline, Prompt, split_prompt};
 
 /// What the worker reports about one request, in this order: `Started`, any number of
 /// `Text`, then `Done`; or `Failed` at any point, after which nothing follows.
@@ -134,7 +134,7 @@ fn run(pipeline: &mut Pipeline, job: &Job) -> Result<(), ApiError> {
         JobPrompt::Messages(messages) => pipeline
             .tokenizer
             .encode_chat(messages)
-            .map_err(crate::pipeline::PipelineError::from)?
+            .map_err(carrot_runtime::pipeline::PipelineError::from)?
             .into_iter()
             .map(i64::from)
             .collect(),
@@ -150,7 +150,7 @@ fn run(pipeline: &mut Pipeline, job: &Job) -> Result<(), ApiError> {
         pipeline
             .engine
             .encode_images(&pixels)
-            .map_err(crate::pipeline::PipelineError::from)?
+            .map_err(carrot_runtime::pipeline::PipelineError::from)?
     };
     let request = Request {
         prompt: parts,

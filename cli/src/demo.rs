@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use serde::Deserialize;
 
-use crate::engine::LoadOptions;
-use crate::generate::Event;
-use crate::pipeline::{ImageSource, Params, Pipeline, Prompt};
+use carrot_runtime::engine::LoadOptions;
+use carrot_runtime::generate::Event;
+use carrot_runtime::pipeline::{ImageSource, Params, Pipeline, Prompt};
 
 /// The golden record the demo reproduces.
 const RECORD: &str = "carrot_image";
@@ -49,7 +49,7 @@ pub fn repo_root() -> anyhow::Result<PathBuf> {
 
 /// The Llama 3 tokenizer fetched by `scripts/setup.sh` (`.cache/llama3-tokenizer`).
 pub fn llama3_tokenizer_dir() -> anyhow::Result<PathBuf> {
-    crate::ort_lib::cache_dirs()
+    carrot_runtime::ort_lib::cache_dirs()
         .into_iter()
         .map(|d| d.join("llama3-tokenizer"))
         .find(|d| d.join("tokenizer.json").is_file())

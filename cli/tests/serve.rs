@@ -9,10 +9,10 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use base64::Engine as _;
+use carrot::serve::{self, Limits, Settings};
 use carrot_runtime::engine::LoadOptions;
 use carrot_runtime::pipeline::{ImageSource, Params, Pipeline, Prompt};
 use carrot_runtime::prompt::Message;
-use carrot_runtime::serve::{self, Limits, Settings};
 use serde_json::{Value, json};
 
 const QUESTION: &str = "What is in this picture?";
@@ -31,7 +31,7 @@ fn chelsea() -> PathBuf {
 /// `fixtures/models/NAME` exported (fp32) with the Llama 3 tokenizer.
 fn export(name: &str) -> PathBuf {
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("serve/{name}-fp32"));
-    carrot_runtime::demo::export_fixture(
+    carrot::demo::export_fixture(
         name,
         &out,
         carrot_graphs::config::DType::F32,

@@ -36,7 +36,7 @@ enum Command {
     /// Serve the OpenAI chat-completions API (POST /v1/chat/completions, GET /health).
     Serve {
         #[command(flatten)]
-        serve: carrot_runtime::serve::ServeArgs,
+        serve: carrot::serve::ServeArgs,
         #[command(flatten)]
         runtime: RuntimeArgs,
     },
@@ -163,16 +163,28 @@ struct ChatArgs {
     runtime: RuntimeArgs,
 }
 
+/// Diagnostics go through `tracing` to stderr; `CARROT_LOG` (e.g. `debug`, `carrot_runtime=trace`)
+/// sets the filter, `info` by default. Program output (answers, tables, JSON) stays on stdout.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CARROT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .init();
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging();
     let result = match cli.command {
         Command::Generate(args) => generate(args),
         Command::Chat(args) => chat(args),
         Command::Perplexity(args) => perplexity(args),
-        Command::Demo(args) => carrot_runtime::demo::run(&args.load_options()).map(|_| ()),
-        Command::Serve { serve, runtime } => {
-            carrot_runtime::serve::run(&serve, &runtime.load_options())
-        }
+        Command::Demo(args) => carrot::demo::run(&args.load_options()).map(|_| ()),
+        Command::Serve { serve, runtime } => carrot::serve::run(&serve, &runtime.load_options()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -249,8 +261,8 @@ fn perplexity(args: PerplexityArgs) -> anyhow::Result<()> {
     let manifest = &pipeline.engine.manifest;
     let context = args.context.unwrap_or(manifest.prompt.max_length);
     if manifest.logits != "all" {
-        eprintln!(
-            "note: {} returns logits for the last position only: scoring one token per step \
+        tracing::warn!(
+            "{} returns logits for the last position only: scoring one token per step \
              (export with --logits all to score a window per step)",
             args.model.display()
         );

@@ -53,7 +53,7 @@ const NLL_TOLERANCE: f64 = 1e-5;
 
 fn export(logits: Logits, dir: &Path) -> PathBuf {
     let out = dir.join(format!("llama-base-tiny-{}", logits.manifest_name()));
-    carrot_runtime::demo::export_fixture("llama-base-tiny", &out, DType::F32, logits, false)
+    carrot::demo::export_fixture("llama-base-tiny", &out, DType::F32, logits, false)
         .unwrap_or_else(|e| panic!("exporting llama-base-tiny: {e:#}"));
     out
 }

@@ -4,10 +4,10 @@ use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
-use crate::engine::EngineError;
-use crate::generate::GenerateError;
-use crate::pipeline::PipelineError;
-use crate::prompt::PromptError;
+use carrot_runtime::engine::EngineError;
+use carrot_runtime::generate::GenerateError;
+use carrot_runtime::pipeline::PipelineError;
+use carrot_runtime::prompt::PromptError;
 
 /// An error answer to one request.
 #[derive(Debug, Clone, PartialEq, Eq)]

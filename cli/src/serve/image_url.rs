@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use base64::Engine as _;
 
 use super::error::ApiError;
-use crate::pipeline::ImageSource;
+use carrot_runtime::pipeline::ImageSource;
 
 /// An image from a `data:` URL (base64) or, when allowed, a local `file://` URL. Nothing is
 /// ever fetched from the network.

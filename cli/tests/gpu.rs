@@ -18,7 +18,7 @@ fn root() -> PathBuf {
 
 fn export(dtype: carrot_graphs::config::DType, dir: &Path) -> PathBuf {
     let out = dir.join("carrot-tiny");
-    carrot_runtime::demo::export_fixture(
+    carrot::demo::export_fixture(
         "carrot-tiny",
         &out,
         dtype,

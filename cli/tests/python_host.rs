@@ -100,7 +100,7 @@ fn python() -> Option<PathBuf> {
 fn export_fixture(name: &str, logits: Logits) -> (tempfile::TempDir, PathBuf) {
     let tmp = tempfile::tempdir().expect("temporary directory");
     let out = tmp.path().join(name);
-    carrot_runtime::demo::export_fixture(name, &out, DType::F32, logits, false)
+    carrot::demo::export_fixture(name, &out, DType::F32, logits, false)
         .unwrap_or_else(|e| panic!("exporting {name}: {e:#}"));
     (tmp, out)
 }
@@ -232,7 +232,7 @@ fn python_host_matches_carrot_on_the_ort_flavor() {
     let tmp = tempfile::tempdir().expect("temporary directory");
     let out = tmp.path().join("carrot-tiny-ort");
     let int4 = carrot_export::pipeline::WeightFormat::parse("int4").expect("int4");
-    carrot_runtime::demo::export_fixture_as("carrot-tiny", &out, int4, "ort", Logits::Last, false)
+    carrot::demo::export_fixture_as("carrot-tiny", &out, int4, "ort", Logits::Last, false)
         .unwrap_or_else(|e| panic!("ort flavor export: {e:#}"));
     let mut pipeline = Pipeline::load(&out, &LoadOptions::default()).expect("loading the export");
     assert_eq!(pipeline.engine.manifest.kv_cache, "shared");

@@ -1,0 +1,5 @@
+//! The `carrot` command's library half: the fixture demo and the OpenAI-compatible server, built
+//! on `carrot-runtime`.
+
+pub mod demo;
+pub mod serve;
