@@ -51,7 +51,7 @@ PY
 
 status=0
 N="$(python3 -c "import json,sys; print(len(json.load(open(sys.argv[1]))['records']['carrot_image']['output_ids']))" "$HERE/fixtures/goldens/generate.json")"
-for spec in "fp32 portable exact" "fp16 portable report" "fp32 ort exact" "fp16 ort report" "int4 ort same-export"; do
+for spec in "fp32 portable exact" "fp16 portable half" "fp32 ort exact" "fp16 ort half" "int4 ort same-export"; do
   set -- $spec
   name="tiny-$1-$2"
   export_tiny "$name" "$1" "$2" || { say "$name: FAIL export: $(tail -1 "$WORK/$name.export.err")"; status=1; continue; }
@@ -60,7 +60,9 @@ for spec in "fp32 portable exact" "fp16 portable report" "fp32 ort exact" "fp16 
   fi
   case "$3" in
     exact) compare "$name on $DEVICE vs the transformers golden" "$WORK/$name.$DEVICE.json" golden exact "$HERE/fixtures/goldens/generate.json" || status=1 ;;
-    report) compare "$name on $DEVICE vs the fp32 golden (half precision: reported)" "$WORK/$name.$DEVICE.json" golden report "$HERE/fixtures/goldens/generate.json" || status=1 ;;
+    # The golden's smallest top-1 margin over its tokens (0.034) is ten times fp16's logit error
+    # (3.8e-3 on the CPU, where fp16 gives every golden token), so fp16 must give them all.
+    half) compare "$name on $DEVICE vs the transformers golden (fp16: every token)" "$WORK/$name.$DEVICE.json" golden exact "$HERE/fixtures/goldens/generate.json" || status=1 ;;
     same-export)
       generate "$WORK/$name" cpu "$N" >"$WORK/$name.cpu.json" 2>/dev/null
       compare "$name on $DEVICE vs the same export on the CPU" "$WORK/$name.$DEVICE.json" "$WORK/$name.cpu.json" report || status=1 ;;

@@ -86,9 +86,10 @@ fn cuda_fp32_reproduces_the_golden_tokens() {
 
 #[cfg(feature = "cuda")]
 #[test]
-fn cuda_fp16_agrees_on_the_first_token() {
-    // The golden's smallest top-1 margin (0.034) is ten times the fp16 logit error measured on
-    // the CPU (3.8e-3), so fp16 must pick the same first token; later tokens are reported.
+fn cuda_fp16_reproduces_every_golden_token() {
+    // The golden's smallest top-1 margin over all its tokens (0.034) is ten times the fp16 logit
+    // error measured on the CPU (3.8e-3), where the fp16 export gives every golden token; so must
+    // CUDA.
     let ids = run_on(Device::Cuda(0), carrot_graphs::config::DType::F16);
     let golden = golden_ids();
     let same = ids.iter().zip(&golden).take_while(|(a, b)| a == b).count();
@@ -96,12 +97,7 @@ fn cuda_fp16_agrees_on_the_first_token() {
         "GPU-CHECK cuda fp16: first {same} of {} tokens equal the fp32 golden",
         ids.len()
     );
-    assert_eq!(ids.len(), golden.len());
-    assert_eq!(
-        ids.first(),
-        golden.first(),
-        "fp16 first token differs from the golden"
-    );
+    assert_eq!(ids, golden, "fp16 on CUDA differs from the golden");
 }
 
 #[cfg(feature = "tensorrt")]

@@ -44,6 +44,18 @@ pub fn check_manifest_schema(paths: &[&Path]) -> Result<(), String> {
     python_check("jsonschema", "check_manifest.py", &args)
 }
 
+/// Runs a bfloat16 carrot-tiny export (`--logits all`) through ONNX's reference evaluator and
+/// compares embed, vision and decoder with the bfloat16 transformers goldens
+/// (`tests/python/bf16_reference.py`); `Err` holds the script's report.
+pub fn check_bf16_reference(export: &Path) -> Result<(), String> {
+    let goldens = workspace_root().join("fixtures/goldens");
+    python_check(
+        "ml_dtypes",
+        "bf16_reference.py",
+        &[export.as_os_str(), goldens.as_os_str()],
+    )
+}
+
 /// Runs `tests/python/SCRIPT ARGS` with `$CARROT_PYTHON` (default `python3`), which must be able
 /// to import `module`; `Err` holds the script's output when it fails. Panics with advice when
 /// the interpreter lacks the module; `CARROT_SKIP_PYTHON=1` skips the check with a note.

@@ -360,3 +360,14 @@ fn bf16_graphs_are_refused_on_cpu_with_a_clear_message() {
     );
     assert!(!err.contains('\n'), "one line: {err}");
 }
+
+#[test]
+fn bf16_graphs_match_transformers_in_bf16_under_the_onnx_reference_evaluator() {
+    // ONNX Runtime cannot run them on the CPU; ONNX's reference evaluator can. Embed rows exact,
+    // vision as close to transformers-bf16 as bf16 rounding allows, decoder argmax equal and top-1
+    // logits within 2 bf16 steps at every position of prefill → decode → chunk.
+    let exported = exported(Layout::Merged, DType::BF16);
+    if let Err(report) = carrot_tests::check_bf16_reference(&exported.dir) {
+        panic!("bf16 export differs from transformers in bf16:\n{report}");
+    }
+}
