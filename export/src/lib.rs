@@ -10,6 +10,7 @@ pub mod preprocessor;
 pub mod rope_freq;
 pub mod siglip_config;
 pub mod siglip_table;
+pub mod sink;
 pub mod source;
 pub mod tensor_dtype;
 pub mod torch_bin;

@@ -386,7 +386,7 @@ fn write_graph(
     let data_name = format!("{file}.data");
     let data_path = dir.join(&data_name);
     let data = File::create(&data_path).map_err(io(&data_path))?;
-    let sink = Box::new(BufWriter::with_capacity(8 << 20, data));
+    let sink = Box::new(crate::sink::BackgroundFile::new(data).map_err(io(&data_path))?);
     let graph_name = file.trim_end_matches(".onnx");
     let mut builder = GraphBuilder::with_external_data(graph_name, &data_name, sink);
     let graph_err = |source| PipelineError::Graph {

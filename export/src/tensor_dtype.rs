@@ -87,22 +87,38 @@ impl TensorInfo {
 
 /// Converts little-endian float bytes to f32; `None` for non-float dtypes.
 pub fn bytes_to_f32(bytes: &[u8], dtype: &StoredDType) -> Option<Vec<f32>> {
+    use rayon::prelude::*;
+    /// Elements per parallel task.
+    const CHUNK: usize = 1 << 16;
     let size = dtype.size()?;
     if !bytes.len().is_multiple_of(size) {
         return None;
     }
     let n = bytes.len() / size;
-    let mut out = vec![0f32; n];
+    let mut out = carrot_graphs::weights::large_vec::<f32>(n);
     match dtype {
-        StoredDType::F16 => aligned::<u16>(bytes)
-            .map(|v| bytemuck::cast_slice::<u16, f16>(&v).convert_to_f32_slice(&mut out)),
-        StoredDType::BF16 => aligned::<u16>(bytes)
-            .map(|v| bytemuck::cast_slice::<u16, bf16>(&v).convert_to_f32_slice(&mut out)),
+        StoredDType::F16 => {
+            let v = aligned::<u16>(bytes)?;
+            let v = bytemuck::cast_slice::<u16, f16>(&v);
+            out.par_chunks_mut(CHUNK)
+                .zip(v.par_chunks(CHUNK))
+                .for_each(|(o, s)| s.convert_to_f32_slice(o));
+        }
+        StoredDType::BF16 => {
+            let v = aligned::<u16>(bytes)?;
+            let v = bytemuck::cast_slice::<u16, bf16>(&v);
+            out.par_chunks_mut(CHUNK)
+                .zip(v.par_chunks(CHUNK))
+                .for_each(|(o, s)| s.convert_to_f32_slice(o));
+        }
         StoredDType::F32 => {
-            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-            }
-            Some(())
+            out.par_chunks_mut(CHUNK)
+                .zip(bytes.par_chunks(CHUNK * 4))
+                .for_each(|(o, s)| {
+                    for (o, c) in o.iter_mut().zip(s.chunks_exact(4)) {
+                        *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                    }
+                });
         }
         StoredDType::F64 => {
             for (o, c) in out.iter_mut().zip(bytes.chunks_exact(8)) {
@@ -110,10 +126,9 @@ pub fn bytes_to_f32(bytes: &[u8], dtype: &StoredDType) -> Option<Vec<f32>> {
                 b.copy_from_slice(c);
                 *o = f64::from_le_bytes(b) as f32;
             }
-            Some(())
         }
-        StoredDType::Other(_) => None,
-    }?;
+        StoredDType::Other(_) => return None,
+    }
     Some(out)
 }
 

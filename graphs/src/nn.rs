@@ -77,6 +77,17 @@ impl Ctx<'_> {
             .initializer(name, ElemType::from(dtype), &t.shape, &t.to_bytes(dtype))?)
     }
 
+    /// Store the transpose of a 2-D tensor as an initializer in `dtype`.
+    pub fn store_transposed(&mut self, name: &str, t: &Tensor, dtype: DType) -> Result<Value> {
+        let shape: Vec<usize> = t.shape.iter().rev().copied().collect();
+        Ok(self.b.initializer(
+            name,
+            ElemType::from(dtype),
+            &shape,
+            &t.transposed_bytes(dtype),
+        )?)
+    }
+
     /// Fetch a weight, check its shape and store it in the graph's dtype under its own name.
     pub fn param(&mut self, name: &str, expected: &[usize]) -> Result<Value> {
         let t = self.fetch(name, expected)?;
@@ -203,7 +214,7 @@ pub fn matmul_weight(
     let weight = match ctx.quant {
         None => {
             let dtype = ctx.dtype;
-            ctx.store(&format!("{name}.T"), &w.transposed(), dtype)?
+            ctx.store_transposed(&format!("{name}.T"), w, dtype)?
         }
         Some(spec) => {
             let q = BlockQuantized::quantize(&w.data, out_f, in_f, spec);

@@ -7,6 +7,7 @@
 //! written while at most one tensor sits in memory.
 
 use half::{bf16, f16};
+use rayon::prelude::*;
 
 use crate::config::DType;
 
@@ -32,7 +33,7 @@ impl Tensor {
         self.data.is_empty()
     }
 
-    /// Transpose a 2-D tensor: `[rows, cols]` → `[cols, rows]`.
+    /// Transpose a 2-D tensor: `[rows, cols]` → `[cols, rows]` (other ranks are returned as they are).
     ///
     /// Hugging Face `Linear` weights are stored `[out, in]`; ONNX `MatMul` wants `[in, out]`.
     pub fn transposed(&self) -> Tensor {
@@ -40,17 +41,8 @@ impl Tensor {
             [r, c] => (*r, *c),
             _ => return self.clone(),
         };
-        let mut out = vec![0f32; self.data.len()];
-        const BLOCK: usize = 32;
-        for r0 in (0..rows).step_by(BLOCK) {
-            for c0 in (0..cols).step_by(BLOCK) {
-                for r in r0..(r0 + BLOCK).min(rows) {
-                    for c in c0..(c0 + BLOCK).min(cols) {
-                        out[c * rows + r] = self.data[r * cols + c];
-                    }
-                }
-            }
-        }
+        let mut out = large_vec::<f32>(self.data.len());
+        transpose_into(&self.data, rows, cols, &mut out, |x| x);
         Tensor {
             shape: vec![cols, rows],
             data: out,
@@ -59,16 +51,142 @@ impl Tensor {
 
     /// Little-endian bytes of this tensor converted to `dtype` (round to nearest even).
     pub fn to_bytes(&self, dtype: DType) -> Vec<u8> {
-        match dtype {
-            DType::F32 => bytemuck::cast_slice(&self.data).to_vec(),
-            DType::F16 => {
-                let v: Vec<f16> = self.data.iter().map(|&x| f16::from_f32(x)).collect();
-                bytemuck::cast_slice(&v).to_vec()
+        let mut out = large_vec::<u8>(self.data.len() * dtype.size());
+        convert_chunks(&self.data, &mut out, dtype, |src, dst| {
+            encode(src.iter().copied(), dst, dtype)
+        });
+        out
+    }
+
+    /// Little-endian bytes of the transpose of this 2-D tensor in `dtype`, in one pass: what
+    /// `transposed().to_bytes(dtype)` gives, without the transposed float32 copy.
+    pub fn transposed_bytes(&self, dtype: DType) -> Vec<u8> {
+        let (rows, cols) = match self.shape.as_slice() {
+            [r, c] => (*r, *c),
+            _ => return self.to_bytes(dtype),
+        };
+        let size = dtype.size();
+        let mut out = large_vec::<u8>(self.data.len() * size);
+        // Each task owns a band of output rows (= input columns) and walks the input in
+        // square tiles, so reads and writes both stay within a few cache lines per row.
+        if rows == 0 || cols == 0 {
+            return out;
+        }
+        let band = TILE;
+        let data = &self.data;
+        out.par_chunks_mut(band * rows * size)
+            .enumerate()
+            .for_each(|(i, dst)| {
+                let c0 = i * band;
+                let c1 = (c0 + band).min(cols);
+                let mut tile = [0f32; TILE];
+                for r0 in (0..rows).step_by(TILE) {
+                    let r1 = (r0 + TILE).min(rows);
+                    for c in c0..c1 {
+                        for (k, r) in (r0..r1).enumerate() {
+                            tile[k] = data[r * cols + c];
+                        }
+                        let at = ((c - c0) * rows + r0) * size;
+                        encode(
+                            tile[..r1 - r0].iter().copied(),
+                            &mut dst[at..at + (r1 - r0) * size],
+                            dtype,
+                        );
+                    }
+                }
+            });
+        out
+    }
+}
+
+/// Side of the square tiles transposes walk in.
+const TILE: usize = 32;
+
+/// Elements per parallel conversion task.
+const CHUNK: usize = 1 << 16;
+
+/// Writes `values` as little-endian `dtype` into `dst` (exactly `values.len() × size` bytes).
+fn encode(values: impl Iterator<Item = f32>, dst: &mut [u8], dtype: DType) {
+    match dtype {
+        DType::F32 => {
+            for (d, v) in dst.chunks_exact_mut(4).zip(values) {
+                d.copy_from_slice(&v.to_le_bytes());
             }
-            DType::BF16 => {
-                let v: Vec<bf16> = self.data.iter().map(|&x| bf16::from_f32(x)).collect();
-                bytemuck::cast_slice(&v).to_vec()
+        }
+        DType::F16 => {
+            for (d, v) in dst.chunks_exact_mut(2).zip(values) {
+                d.copy_from_slice(&f16::from_f32(v).to_le_bytes());
             }
+        }
+        DType::BF16 => {
+            for (d, v) in dst.chunks_exact_mut(2).zip(values) {
+                d.copy_from_slice(&bf16::from_f32(v).to_le_bytes());
+            }
+        }
+    }
+}
+
+/// Runs `f(src_chunk, dst_chunk)` over matching chunks of `src` (f32) and `dst` (bytes of
+/// `dtype`) on all threads.
+fn convert_chunks(src: &[f32], dst: &mut [u8], dtype: DType, f: impl Fn(&[f32], &mut [u8]) + Sync) {
+    let size = dtype.size();
+    dst.par_chunks_mut(CHUNK * size)
+        .zip(src.par_chunks(CHUNK))
+        .for_each(|(d, s)| f(s, d));
+}
+
+/// `out[c * rows + r] = map(src[r * cols + c])`, in tiles, one band of output rows per task.
+fn transpose_into<T: Copy + Send + Sync, U: Copy + Send>(
+    src: &[T],
+    rows: usize,
+    cols: usize,
+    out: &mut [U],
+    map: impl Fn(T) -> U + Sync,
+) {
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    let band = TILE;
+    out.par_chunks_mut(band * rows)
+        .enumerate()
+        .for_each(|(i, dst)| {
+            let c0 = i * band;
+            let c1 = (c0 + band).min(cols);
+            for r0 in (0..rows).step_by(TILE) {
+                let r1 = (r0 + TILE).min(rows);
+                for r in r0..r1 {
+                    let row = &src[r * cols..(r + 1) * cols];
+                    for c in c0..c1 {
+                        dst[(c - c0) * rows + r] = map(row[c]);
+                    }
+                }
+            }
+        });
+}
+
+/// A zeroed vector of `n` elements for a large buffer: the allocation is asked to be backed by
+/// transparent huge pages, so filling it takes one page fault per 2 MiB instead of per 4 KiB.
+pub fn large_vec<T: bytemuck::Zeroable + Clone>(n: usize) -> Vec<T> {
+    let v = vec![T::zeroed(); n];
+    #[cfg(target_os = "linux")]
+    advise_huge_pages(&v);
+    v
+}
+
+#[cfg(target_os = "linux")]
+fn advise_huge_pages<T>(v: &[T]) {
+    const HUGE: usize = 2 << 20;
+    let bytes = std::mem::size_of_val(v);
+    if bytes < 4 * HUGE {
+        return;
+    }
+    let start = (v.as_ptr() as usize).next_multiple_of(HUGE);
+    let end = (v.as_ptr() as usize + bytes) & !(HUGE - 1);
+    if end > start {
+        // SAFETY: the range lies inside `v`'s allocation; MADV_HUGEPAGE changes only how the
+        // kernel backs the pages, never their contents.
+        unsafe {
+            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
         }
     }
 }
@@ -105,6 +223,34 @@ mod tests {
             for j in 0..c {
                 assert_eq!(u.data[j * r + i], t.data[i * c + j]);
             }
+        }
+    }
+
+    #[test]
+    fn transposed_bytes_equal_transpose_then_convert() {
+        for (r, c) in [(1, 1), (3, 70), (67, 45), (130, 33), (0, 4)] {
+            let t = Tensor::new(
+                vec![r, c],
+                (0..r * c).map(|x| (x as f32).sin() * 3.0).collect(),
+            );
+            for dtype in [DType::F32, DType::F16, DType::BF16] {
+                assert_eq!(
+                    t.transposed_bytes(dtype),
+                    t.transposed().to_bytes(dtype),
+                    "{r}x{c} {dtype:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn large_tensors_convert_like_small_ones() {
+        // More elements than one parallel chunk, so the chunk seams are crossed.
+        let n = 3 * CHUNK + 17;
+        let t = Tensor::new(vec![n], (0..n).map(|x| x as f32 * 0.37 - 5.0).collect());
+        let bytes = t.to_bytes(DType::F16);
+        for (i, pair) in bytes.chunks_exact(2).enumerate() {
+            assert_eq!(pair, f16::from_f32(t.data[i]).to_le_bytes(), "element {i}");
         }
     }
 
