@@ -97,6 +97,7 @@ pub fn export_fixture_as(
         logits,
         force: true,
         progress,
+        stream_elements: carrot_graphs::nn::STREAM_ELEMENTS,
     };
     let summary = carrot_export::pipeline::export(&plan)
         .with_context(|| format!("exporting fixture {name}"))?;

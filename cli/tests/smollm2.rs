@@ -141,6 +141,7 @@ fn smollm2_greedy_generation_equals_transformers() {
         logits: Logits::Last, // carrot-export's default
         force: false,
         progress: false,
+        stream_elements: carrot_graphs::nn::STREAM_ELEMENTS,
     };
     export(&plan).unwrap_or_else(|e| panic!("exporting {}: {e}", hf.display()));
     let exported = start.elapsed();
@@ -289,6 +290,7 @@ fn smollm2_perplexity(hf: &Path, dir: &Path, format: WeightFormat, ids: &[u32]) 
         logits: Logits::All,
         force: false,
         progress: false,
+        stream_elements: carrot_graphs::nn::STREAM_ELEMENTS,
     };
     export(&plan)
         .unwrap_or_else(|e| panic!("exporting {} as {}: {e}", hf.display(), format.name()));

@@ -82,6 +82,9 @@ struct WeightFile {
 }
 
 /// The tensors of a checkpoint, opened but not read.
+/// A shape and float32 data.
+pub type Tensor2 = (Vec<usize>, Vec<f32>);
+
 pub struct Checkpoint {
     label: PathBuf,
     files: Vec<WeightFile>,
@@ -276,6 +279,81 @@ impl Checkpoint {
             .into_iter()
             .max_by_key(|(dtype, n)| (*n, dtype.name().to_string()))
             .map(|(d, _)| d.clone())
+    }
+
+    /// Reads rows `rows` of a 2-D tensor stored in a safetensors file and converts them to
+    /// float32 (`[rows.len(), cols]`); `Ok(None)` when the tensor lives in a torch `.bin` file,
+    /// which is read whole.
+    pub fn load_rows_f32(
+        &mut self,
+        key: &str,
+        rows: std::ops::Range<usize>,
+    ) -> Result<Option<Tensor2>, CheckpointError> {
+        let (file_index, info) = self.info_at(key)?;
+        let path = self.files[file_index].path.clone();
+        let FileKind::Safetensors(file) = &self.files[file_index].kind else {
+            return Ok(None);
+        };
+        let (n, cols) = match info.shape.as_slice() {
+            [n, c] if rows.start <= rows.end && rows.end <= *n => (*n, *c),
+            shape => {
+                return Err(CheckpointError::Safetensors {
+                    path,
+                    message: format!("rows {rows:?} of tensor `{key}` with shape {shape:?}"),
+                });
+            }
+        };
+        let size = info
+            .dtype
+            .size()
+            .ok_or_else(|| CheckpointError::UnsupportedDtype {
+                path: path.clone(),
+                key: key.to_string(),
+                dtype: info.dtype.clone(),
+            })?;
+        let &(start, end) = file
+            .ranges
+            .get(key)
+            .ok_or_else(|| CheckpointError::NotFound {
+                dir: path.clone(),
+                key: key.to_string(),
+            })?;
+        if end - start != n * cols * size {
+            return Err(CheckpointError::Safetensors {
+                path,
+                message: format!("tensor `{key}` does not hold its shape {:?}", info.shape),
+            });
+        }
+        let (a, b) = (
+            start + rows.start * cols * size,
+            start + rows.end * cols * size,
+        );
+        let bytes = file
+            .mmap
+            .get(a..b)
+            .ok_or_else(|| CheckpointError::Safetensors {
+                path: path.clone(),
+                message: format!("tensor `{key}` lies outside the file"),
+            })?;
+        prefetch(&file.mmap, a, b);
+        let data =
+            bytes_to_f32(bytes, &info.dtype).ok_or_else(|| CheckpointError::UnsupportedDtype {
+                path: path.clone(),
+                key: key.to_string(),
+                dtype: info.dtype.clone(),
+            })?;
+        release_pages(&file.mmap, a, b);
+        Ok(Some((vec![rows.len(), cols], data)))
+    }
+
+    fn info_at(&self, key: &str) -> Result<(usize, TensorInfo), CheckpointError> {
+        self.tensors
+            .get(key)
+            .cloned()
+            .ok_or_else(|| CheckpointError::NotFound {
+                dir: self.label.clone(),
+                key: key.to_string(),
+            })
     }
 
     /// Reads one tensor and converts it to float32.

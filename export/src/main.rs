@@ -92,6 +92,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         },
         force: cli.force,
         progress: !cli.quiet,
+        stream_elements: carrot_graphs::nn::STREAM_ELEMENTS,
     };
     let summary = pipeline::export(&plan)?;
     eprintln!(

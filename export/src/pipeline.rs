@@ -110,6 +110,9 @@ pub struct ExportPlan {
     pub force: bool,
     /// Show progress bars on stderr.
     pub progress: bool,
+    /// Matrices with more elements are read, converted and quantized a block of rows at a time
+    /// (default [`carrot_graphs::nn::STREAM_ELEMENTS`]; the output is the same either way).
+    pub stream_elements: usize,
 }
 
 /// What was written.
@@ -238,6 +241,20 @@ impl WeightSource for Progress<'_> {
         self.bar.set_position(self.inner.bytes_read());
         Ok(t)
     }
+
+    fn shape(&mut self, name: &str) -> Result<Vec<usize>, WeightError> {
+        self.inner.shape(name)
+    }
+
+    fn rows(&mut self, name: &str, rows: std::ops::Range<usize>) -> Result<Tensor, WeightError> {
+        self.bar.set_message(name.to_string());
+        if rows.start == 0 {
+            self.tensors += 1;
+        }
+        let t = self.inner.rows(name, rows)?;
+        self.bar.set_position(self.inner.bytes_read());
+        Ok(t)
+    }
 }
 
 /// Run the export.
@@ -310,6 +327,7 @@ pub fn export(plan: &ExportPlan) -> Result<ExportSummary, PipelineError> {
                 &tmp.path,
                 names::VISION_GRAPH,
                 (dtype, None, flavor),
+                plan.stream_elements,
                 &mut weights,
                 |ctx| vision::build_vision(ctx, &mm.vision, &mm.projector),
             )?);
@@ -319,6 +337,7 @@ pub fn export(plan: &ExportPlan) -> Result<ExportSummary, PipelineError> {
             &tmp.path,
             names::EMBED_GRAPH,
             (dtype, quant, flavor),
+            plan.stream_elements,
             &mut weights,
             |ctx| llama::build_embed(ctx, &text),
         )?);
@@ -328,6 +347,7 @@ pub fn export(plan: &ExportPlan) -> Result<ExportSummary, PipelineError> {
             &tmp.path,
             names::DECODER_GRAPH,
             (dtype, quant, flavor),
+            plan.stream_elements,
             &mut weights,
             |ctx| llama::build_decoder(ctx, &text, &inv_freq, plan.logits),
         )?);
@@ -380,6 +400,7 @@ fn write_graph(
     dir: &Path,
     file: &str,
     (dtype, quant, flavor): (DType, Option<QuantSpec>, Flavor),
+    stream_elements: usize,
     weights: &mut dyn WeightSource,
     build: impl FnOnce(&mut Ctx<'_>) -> Result<(), GraphError>,
 ) -> Result<Vec<(String, u64)>, PipelineError> {
@@ -400,6 +421,7 @@ fn write_graph(
             dtype,
             quant,
             flavor,
+            stream_elements,
         };
         build(&mut ctx).map_err(graph_err)?;
     }

@@ -131,6 +131,8 @@ pub struct ModelWeights {
     expected: BTreeMap<String, Vec<usize>>,
     adapters: Vec<LoraAdapter>,
     bytes_read: u64,
+    /// The last tensor read whole to serve [`WeightSource::rows`] (an adapted or `.bin` one).
+    row_cache: Option<(String, Tensor)>,
 }
 
 impl ModelWeights {
@@ -305,9 +307,91 @@ impl ModelWeights {
     }
 }
 
+impl ModelWeights {
+    fn missing(&self, name: &str) -> ExportError {
+        ExportError::MissingTensor {
+            name: name.to_string(),
+            looked: self.looked_for(name),
+        }
+    }
+
+    /// The stored shape of `name`, checked against the model's configuration.
+    fn checked_shape(&mut self, name: &str) -> Result<Vec<usize>, ExportError> {
+        let loc = self.locate(name).ok_or_else(|| self.missing(name))?;
+        let checkpoint = &self.stores[loc.store].checkpoint;
+        let shape = checkpoint.info(&loc.key)?.shape.clone();
+        if let Some(expected) = self.expected.get(name)
+            && &shape != expected
+        {
+            return Err(ExportError::Shape {
+                file: checkpoint
+                    .file_of(&loc.key)
+                    .unwrap_or(checkpoint.label())
+                    .to_path_buf(),
+                key: loc.key,
+                name: name.to_string(),
+                expected: expected.clone(),
+                actual: shape,
+            });
+        }
+        Ok(shape)
+    }
+
+    fn load_rows(
+        &mut self,
+        name: &str,
+        rows: std::ops::Range<usize>,
+    ) -> Result<Tensor, WeightError> {
+        let err = |e: ExportError| WeightError(e.to_string());
+        let shape = self.checked_shape(name).map_err(err)?;
+        let module_key = merged_keys(name).swap_remove(0);
+        let module = module_key.strip_suffix(".weight").unwrap_or(&module_key);
+        let adapted = self.adapters.iter().any(|a| a.scaling(module).is_some());
+        if !adapted {
+            let loc = self.locate(name).ok_or_else(|| err(self.missing(name)))?;
+            let checkpoint = &mut self.stores[loc.store].checkpoint;
+            let elem = checkpoint
+                .info(&loc.key)
+                .map(|i| i.dtype.size().unwrap_or(0))
+                .unwrap_or(0);
+            if let Some((shape, data)) = checkpoint
+                .load_rows_f32(&loc.key, rows.clone())
+                .map_err(|e| err(e.into()))?
+            {
+                self.bytes_read += (data.len() * elem) as u64;
+                return Ok(Tensor { shape, data });
+            }
+        }
+        // Adapted, or in a torch `.bin`: read (and merge) the whole tensor once, serve its rows.
+        if self.row_cache.as_ref().is_none_or(|(n, _)| n != name) {
+            self.row_cache = None;
+            let t = self.load(name).map_err(err)?;
+            self.row_cache = Some((name.to_string(), t));
+        }
+        let t = match &self.row_cache {
+            Some((_, t)) => t,
+            None => return Err(WeightError(format!("`{name}` shape {shape:?}"))),
+        };
+        let part = carrot_graphs::weights::slice_rows(t, name, rows.clone())?;
+        if rows.end == shape[0] {
+            self.row_cache = None;
+        }
+        Ok(part)
+    }
+}
+
 impl WeightSource for ModelWeights {
     fn tensor(&mut self, name: &str) -> Result<Tensor, WeightError> {
         self.load(name).map_err(|e| WeightError(e.to_string()))
+    }
+
+    fn shape(&mut self, name: &str) -> Result<Vec<usize>, WeightError> {
+        self.checked_shape(name)
+            .map_err(|e| WeightError(e.to_string()))
+    }
+
+    fn rows(&mut self, name: &str, rows: std::ops::Range<usize>) -> Result<Tensor, WeightError> {
+        self.load_rows(name, rows)
     }
 }
 
@@ -468,6 +552,7 @@ pub fn open(
         expected,
         adapters,
         bytes_read: 0,
+        row_cache: None,
     };
     weights.validate()?;
 

@@ -10,7 +10,7 @@ use carrot_contract::names;
 use crate::builder::{Dim, ElemType, Value};
 use crate::config::{Flavor, TextConfig};
 use crate::nn::{self, Ctx, GraphError, Result};
-use crate::quant::{Bits, BlockQuantized, QuantSpec};
+use crate::quant::{Bits, PackedLayout, QuantSpec};
 
 /// Which positions get logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,10 +61,17 @@ pub fn build_embed(ctx: &mut Ctx<'_>, cfg: &TextConfig) -> Result<()> {
     )?;
     let out = match ctx.quant {
         None => {
-            let table = ctx.param(
-                "model.embed_tokens.weight",
-                &[cfg.vocab_size, cfg.hidden_size],
-            )?;
+            let key = "model.embed_tokens.weight";
+            let dims = (cfg.vocab_size, cfg.hidden_size);
+            let table = if dims.0 * dims.1 > ctx.stream_elements {
+                ctx.check_shape(key, &[dims.0, dims.1])?;
+                let dtype = ctx.dtype;
+                let bytes = ctx.streamed_bytes(key, dims, dtype, false)?;
+                let elem = ctx.elem();
+                ctx.b.initializer(key, elem, &[dims.0, dims.1], &bytes)?
+            } else {
+                ctx.param(key, &[dims.0, dims.1])?
+            };
             ctx.b.push_scope("/model/embed_tokens");
             let out = ctx
                 .b
@@ -76,12 +83,20 @@ pub fn build_embed(ctx: &mut Ctx<'_>, cfg: &TextConfig) -> Result<()> {
             out.map_err(GraphError::from)
         }
         Some(spec) => {
-            let t = ctx.fetch(
+            ctx.check_quantized_activations()?;
+            // Codes packed by rows; zero points one per byte (`Gather` takes no 4-bit tensors).
+            let rows = ctx.quantized_layout(
                 "model.embed_tokens.weight",
-                &[cfg.vocab_size, cfg.hidden_size],
+                (cfg.vocab_size, cfg.hidden_size),
+                spec,
+                |q| PackedLayout {
+                    codes: crate::quant::pack(&q.codes, q.spec.bits),
+                    scales: q.scales.clone(),
+                    zero_points: q.zero_points.clone(),
+                },
             )?;
             ctx.b.push_scope("/model/embed_tokens");
-            let out = quantized_embedding(ctx, &t, &ids, cfg, spec);
+            let out = quantized_embedding(ctx, rows, &ids, cfg, spec);
             ctx.b.pop_scope();
             out
         }
@@ -111,16 +126,13 @@ pub fn build_embed(ctx: &mut Ctx<'_>, cfg: &TextConfig) -> Result<()> {
 /// ```
 fn quantized_embedding(
     ctx: &mut Ctx<'_>,
-    table: &crate::weights::Tensor,
+    packed: PackedLayout,
     ids: &Value,
     cfg: &TextConfig,
     spec: QuantSpec,
 ) -> Result<Value> {
     let (vocab, hidden) = (cfg.vocab_size, cfg.hidden_size);
-    ctx.check_quantized_activations()?;
-    let q = BlockQuantized::quantize(&table.data, vocab, hidden, spec);
-    let blocks = q.blocks();
-    let packed = q.row_major();
+    let blocks = hidden.div_ceil(spec.block_size);
     let key = "model.embed_tokens.weight";
     let codes = match spec.bits {
         Bits::Int8 => ctx.b.initializer(
@@ -153,9 +165,9 @@ fn quantized_embedding(
         &format!("{key}.zero_points"),
         ElemType::U8,
         &[vocab, blocks],
-        &q.zero_points,
+        &packed.zero_points,
     )?;
-    drop(q);
+    drop(packed);
     let g = ctx.b.gather("Gather", &codes, ids, 0)?;
     let g = match spec.bits {
         Bits::Int8 => g,
@@ -271,9 +283,8 @@ pub fn build_decoder(
     };
     let (vocab, hidden) = (cfg.vocab_size, cfg.hidden_size);
     // `lm_head.weight` (the source hands out `model.embed_tokens.weight` for tied models).
-    let w = ctx.fetch("lm_head.weight", &[vocab, hidden])?;
-    let y = nn::matmul_weight(ctx, "/lm_head", "lm_head.weight", &w, &x)?;
-    drop(w);
+    let w = nn::Matrix::Source("lm_head.weight", [vocab, hidden]);
+    let y = nn::matmul_weight(ctx, "/lm_head", "lm_head.weight", w, &x)?;
     ctx.b.push_scope("/lm_head");
     let out = (|| -> Result<Value> {
         if ctx.dtype == crate::config::DType::F32 {

@@ -5,7 +5,7 @@
 
 use crate::builder::{BuildError, ElemType, GraphBuilder, Value};
 use crate::config::{DType, Flavor};
-use crate::quant::{BlockQuantized, QuantSpec};
+use crate::quant::{BlockQuantized, PackedLayout, QuantSpec};
 use crate::weights::{Tensor, WeightError, WeightSource};
 
 /// Anything that can stop a graph from being built.
@@ -27,6 +27,18 @@ pub enum GraphError {
 
 pub type Result<T> = std::result::Result<T, GraphError>;
 
+/// Matrices with more elements than this (the 128k-row embedding table and lm_head of Llama 3)
+/// are read, converted and quantized a block of rows at a time, so none is ever whole in
+/// float32; smaller ones are read whole.
+pub const STREAM_ELEMENTS: usize = 1 << 25;
+
+/// Rows per block when streaming a matrix with `cols` columns: at most 16 MiB of float32 (fewer
+/// elements when `stream_elements` is smaller), an even number of rows (4-bit codes of
+/// consecutive blocks then pack exactly as the whole matrix's would).
+fn stream_rows(cols: usize, stream_elements: usize) -> usize {
+    (stream_elements.min(4 << 20) / cols.max(1)).max(2) & !1
+}
+
 /// What every model graph is built with: the builder, the weights, the weight dtype and, for a
 /// weight-only quantized graph, how its matrices are quantized.
 pub struct Ctx<'a> {
@@ -37,6 +49,9 @@ pub struct Ctx<'a> {
     /// table); activations stay in `dtype`.
     pub quant: Option<QuantSpec>,
     pub flavor: Flavor,
+    /// Matrices with more elements are read a block of rows at a time ([`STREAM_ELEMENTS`]
+    /// unless a test wants small blocks).
+    pub stream_elements: usize,
 }
 
 impl Ctx<'_> {
@@ -75,6 +90,121 @@ impl Ctx<'_> {
         Ok(self
             .b
             .initializer(name, ElemType::from(dtype), &t.shape, &t.to_bytes(dtype))?)
+    }
+
+    /// Check the shape of `name` in the weight source without converting it.
+    pub fn check_shape(&mut self, name: &str, expected: &[usize]) -> Result<()> {
+        let actual = self.weights.shape(name)?;
+        if actual != expected {
+            return Err(GraphError::Shape {
+                name: name.into(),
+                expected: expected.to_vec(),
+                actual,
+            });
+        }
+        Ok(())
+    }
+
+    /// Calls `f(first_row, block)` for consecutive blocks of rows of the `[rows, cols]` weight
+    /// `name`, so that only one block is in float32 at a time.
+    pub fn for_row_blocks(
+        &mut self,
+        name: &str,
+        (rows, cols): (usize, usize),
+        mut f: impl FnMut(usize, &Tensor) -> Result<()>,
+    ) -> Result<()> {
+        let step = stream_rows(cols, self.stream_elements);
+        for r0 in (0..rows).step_by(step) {
+            let block = self.weights.rows(name, r0..(r0 + step).min(rows))?;
+            f(r0, &block)?;
+        }
+        Ok(())
+    }
+
+    /// A large `[rows, cols]` weight from the source, as bytes of `dtype` (transposed to
+    /// `[cols, rows]` when asked), converted a block of rows at a time.
+    pub fn streamed_bytes(
+        &mut self,
+        name: &str,
+        (rows, cols): (usize, usize),
+        dtype: DType,
+        transpose: bool,
+    ) -> Result<Vec<u8>> {
+        let size = dtype.size();
+        let mut out = crate::weights::large_vec::<u8>(rows * cols * size);
+        self.for_row_blocks(name, (rows, cols), |r0, block| {
+            if transpose {
+                block.scatter_transposed(&mut out, r0, rows, dtype);
+            } else {
+                let at = r0 * cols * size;
+                let bytes = block.to_bytes(dtype);
+                out[at..at + bytes.len()].copy_from_slice(&bytes);
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// `name` `[rows, cols]` quantized along `cols`: read whole when small, else a block of rows
+    /// at a time (rows are quantized independently, so the result is the same).
+    pub fn quantized(
+        &mut self,
+        name: &str,
+        (rows, cols): (usize, usize),
+        spec: QuantSpec,
+    ) -> Result<BlockQuantized> {
+        if rows * cols <= self.stream_elements {
+            let t = self.fetch(name, &[rows, cols])?;
+            return Ok(BlockQuantized::quantize(&t.data, rows, cols, spec));
+        }
+        self.check_shape(name, &[rows, cols])?;
+        let blocks = cols.div_ceil(spec.block_size);
+        let mut q = BlockQuantized {
+            rows,
+            cols,
+            spec,
+            codes: Vec::with_capacity(rows * cols),
+            scales: Vec::with_capacity(rows * blocks),
+            zero_points: Vec::with_capacity(rows * blocks),
+        };
+        self.for_row_blocks(name, (rows, cols), |_, block| {
+            let part = BlockQuantized::quantize(&block.data, block.shape[0], cols, spec);
+            q.codes.extend_from_slice(&part.codes);
+            q.scales.extend_from_slice(&part.scales);
+            q.zero_points.extend_from_slice(&part.zero_points);
+            Ok(())
+        })?;
+        Ok(q)
+    }
+
+    /// `name` `[rows, cols]` quantized along `cols` and laid out by `layout`, which must lay
+    /// out each row on its own (then a block of rows at a time gives the same bytes as the
+    /// whole matrix, and large matrices never sit in memory unpacked).
+    pub fn quantized_layout(
+        &mut self,
+        name: &str,
+        (rows, cols): (usize, usize),
+        spec: QuantSpec,
+        layout: impl Fn(&BlockQuantized) -> PackedLayout,
+    ) -> Result<PackedLayout> {
+        if rows * cols <= self.stream_elements {
+            return Ok(layout(&self.quantized(name, (rows, cols), spec)?));
+        }
+        self.check_shape(name, &[rows, cols])?;
+        let mut out = PackedLayout {
+            codes: Vec::new(),
+            scales: Vec::new(),
+            zero_points: Vec::new(),
+        };
+        self.for_row_blocks(name, (rows, cols), |_, block| {
+            let q = BlockQuantized::quantize(&block.data, block.shape[0], cols, spec);
+            let part = layout(&q);
+            out.codes.extend_from_slice(&part.codes);
+            out.scales.extend_from_slice(&part.scales);
+            out.zero_points.extend_from_slice(&part.zero_points);
+            Ok(())
+        })?;
+        Ok(out)
     }
 
     /// Store the transpose of a 2-D tensor as an initializer in `dtype`.
@@ -140,8 +270,8 @@ pub fn linear(
     out_f: usize,
     bias: bool,
 ) -> Result<Value> {
-    let w = ctx.fetch(&format!("{key}.weight"), &[out_f, in_f])?;
-    let y = matmul_weight(ctx, scope, &format!("{key}.weight"), &w, x)?;
+    let name = format!("{key}.weight");
+    let y = matmul_weight(ctx, scope, &name, Matrix::Source(&name, [out_f, in_f]), x)?;
     if !bias {
         return Ok(y);
     }
@@ -170,7 +300,7 @@ pub fn packed_linear(
         data.extend_from_slice(&w.data);
     }
     let w = Tensor::new(vec![rows, in_f], data);
-    matmul_weight(ctx, scope, name, &w, x)
+    matmul_weight(ctx, scope, name, Matrix::Loaded(&w), x)
 }
 
 /// `x @ wᵀ` for a checkpoint matrix `w [out, in]` named `name`, under `scope`.
@@ -194,33 +324,49 @@ pub fn matmul_weight(
     ctx: &mut Ctx<'_>,
     scope: &str,
     name: &str,
-    w: &Tensor,
+    w: Matrix<'_>,
     x: &Value,
 ) -> Result<Value> {
-    let (out_f, in_f) = match w.shape.as_slice() {
-        [o, i] => (*o, *i),
-        _ => {
-            return Err(GraphError::Shape {
-                name: name.into(),
-                expected: vec![0, 0],
-                actual: w.shape.clone(),
-            });
-        }
-    };
+    let (out_f, in_f) = w.dims(name)?;
     ctx.check_quantized_activations()?;
     if let (Some(spec), Flavor::Ort) = (ctx.quant, ctx.flavor) {
-        return matmul_nbits(ctx, scope, name, w, x, spec, (out_f, in_f));
+        let l = match w {
+            Matrix::Loaded(t) => {
+                BlockQuantized::quantize(&t.data, out_f, in_f, spec).matmul_nbits()
+            }
+            Matrix::Source(key, _) => {
+                ctx.quantized_layout(key, (out_f, in_f), spec, BlockQuantized::matmul_nbits)?
+            }
+        };
+        return matmul_nbits(ctx, scope, name, l, x, spec, (out_f, in_f));
     }
     let weight = match ctx.quant {
         None => {
             let dtype = ctx.dtype;
-            ctx.store_transposed(&format!("{name}.T"), w, dtype)?
+            match w {
+                Matrix::Source(key, shape) if out_f * in_f > ctx.stream_elements => {
+                    ctx.check_shape(key, &shape)?;
+                    let bytes = ctx.streamed_bytes(key, (out_f, in_f), dtype, true)?;
+                    ctx.b.initializer(
+                        &format!("{name}.T"),
+                        ElemType::from(dtype),
+                        &[in_f, out_f],
+                        &bytes,
+                    )?
+                }
+                Matrix::Source(key, shape) => {
+                    let t = ctx.fetch(key, &shape)?;
+                    ctx.store_transposed(&format!("{name}.T"), &t, dtype)?
+                }
+                Matrix::Loaded(t) => ctx.store_transposed(&format!("{name}.T"), t, dtype)?,
+            }
         }
         Some(spec) => {
-            let q = BlockQuantized::quantize(&w.data, out_f, in_f, spec);
+            let q = w.quantized(ctx, spec)?;
             let t = q.transposed();
             let elem = spec.bits.elem();
             let blocks = q.blocks();
+            drop(q);
             let codes =
                 ctx.b
                     .initializer(&format!("{name}.T.codes"), elem, &[in_f, out_f], &t.codes)?;
@@ -257,20 +403,53 @@ pub fn matmul_weight(
     Ok(y?)
 }
 
+/// The checkpoint matrix `[out, in]` of [`matmul_weight`].
+#[derive(Debug, Clone, Copy)]
+pub enum Matrix<'a> {
+    /// Already in memory (e.g. several matrices packed into one).
+    Loaded(&'a Tensor),
+    /// Still in the weight source under this name, with this shape: read whole, or a block of
+    /// rows at a time when larger than [`STREAM_ELEMENTS`].
+    Source(&'a str, [usize; 2]),
+}
+
+impl Matrix<'_> {
+    fn dims(&self, name: &str) -> Result<(usize, usize)> {
+        match self {
+            Matrix::Loaded(t) => match t.shape.as_slice() {
+                [o, i] => Ok((*o, *i)),
+                _ => Err(GraphError::Shape {
+                    name: name.into(),
+                    expected: vec![0, 0],
+                    actual: t.shape.clone(),
+                }),
+            },
+            Matrix::Source(_, [o, i]) => Ok((*o, *i)),
+        }
+    }
+
+    fn quantized(&self, ctx: &mut Ctx<'_>, spec: QuantSpec) -> Result<BlockQuantized> {
+        match *self {
+            Matrix::Loaded(t) => {
+                let (o, i) = self.dims("")?;
+                Ok(BlockQuantized::quantize(&t.data, o, i, spec))
+            }
+            Matrix::Source(key, [o, i]) => ctx.quantized(key, (o, i), spec),
+        }
+    }
+}
+
 /// ONNX Runtime's `MatMulNBits` on a quantized `w [out, in]` (the `ort` flavor).
 fn matmul_nbits(
     ctx: &mut Ctx<'_>,
     scope: &str,
     name: &str,
-    w: &Tensor,
+    l: PackedLayout,
     x: &Value,
     spec: QuantSpec,
     (out_f, in_f): (usize, usize),
 ) -> Result<Value> {
-    let q = BlockQuantized::quantize(&w.data, out_f, in_f, spec);
-    let blocks = q.blocks();
-    let l = q.matmul_nbits();
-    drop(q);
+    let blocks = in_f.div_ceil(spec.block_size);
     let blob = spec.block_size * spec.bits.width() / 8;
     let codes = ctx.b.initializer(
         &format!("{name}.codes"),
@@ -490,6 +669,7 @@ mod tests {
                     block_size: 32,
                 }),
                 flavor: Flavor::Portable,
+                stream_elements: STREAM_ELEMENTS,
             };
             let r = linear(&mut ctx, "proj", "proj", &x, 32, 4, false);
             match (ok, r) {

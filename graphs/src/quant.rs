@@ -105,7 +105,7 @@ fn code_of(v: f32, inv: f32, z: f32, q: f32) -> f32 {
 
 /// Squared error of quantizing `x` with `p`, and the least-squares sums `Σ x·(q − z)`,
 /// `Σ (q − z)²` of the codes it gives — without storing the codes.
-#[inline]
+#[inline(always)]
 fn evaluate(x: &[f32], p: BlockParams, qmax: u8) -> (f32, f32, f32) {
     let inv = 1.0 / p.scale;
     let (z, q) = (f32::from(p.zero_point), f32::from(qmax));
@@ -132,6 +132,7 @@ fn evaluate(x: &[f32], p: BlockParams, qmax: u8) -> (f32, f32, f32) {
 }
 
 /// The codes of `x` for `p`.
+#[inline(always)]
 fn encode(x: &[f32], p: BlockParams, qmax: u8, codes: &mut [u8]) {
     let inv = 1.0 / p.scale;
     let (z, q) = (f32::from(p.zero_point), f32::from(qmax));
@@ -142,11 +143,13 @@ fn encode(x: &[f32], p: BlockParams, qmax: u8, codes: &mut [u8]) {
 
 /// The range of a block, widened to contain zero (every representable range does: `ŵ = (q − z)·s`
 /// with `0 ≤ z ≤ qmax`).
+#[inline(always)]
 fn range(x: &[f32]) -> (f32, f32) {
     x.iter()
         .fold((0f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)))
 }
 
+#[inline(always)]
 fn params_for_scale(lo: f32, scale: f32, qmax: u8) -> BlockParams {
     BlockParams {
         scale,
@@ -174,6 +177,62 @@ pub fn round_to_nearest(x: &[f32], qmax: u8, codes: &mut [u8]) -> BlockParams {
 /// The searched quantization of one block: never a larger squared error than
 /// [`round_to_nearest`]. Writes the codes into `codes` (same length as `x`).
 pub fn quantize_block(x: &[f32], qmax: u8, codes: &mut [u8]) -> BlockParams {
+    quantize_block_inline(x, qmax, codes)
+}
+
+/// Quantizes one row block by block, writing its codes, scales and zero points.
+fn quantize_row(
+    row: &[f32],
+    spec: QuantSpec,
+    codes: &mut [u8],
+    scales: &mut [f32],
+    zps: &mut [u8],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        unsafe { quantize_row_avx2(row, spec, codes, scales, zps) };
+        return;
+    }
+    quantize_row_inline(row, spec, codes, scales, zps);
+}
+
+/// [`quantize_row`] compiled for AVX2: eight-lane float arithmetic, the same operations in the
+/// same order (no fused multiply-add), so the same bits as the portable build.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_row_avx2(
+    row: &[f32],
+    spec: QuantSpec,
+    codes: &mut [u8],
+    scales: &mut [f32],
+    zps: &mut [u8],
+) {
+    quantize_row_inline(row, spec, codes, scales, zps);
+}
+
+#[inline(always)]
+fn quantize_row_inline(
+    row: &[f32],
+    spec: QuantSpec,
+    codes: &mut [u8],
+    scales: &mut [f32],
+    zps: &mut [u8],
+) {
+    let qmax = spec.bits.qmax();
+    for (b, (x, c)) in row
+        .chunks(spec.block_size)
+        .zip(codes.chunks_mut(spec.block_size))
+        .enumerate()
+    {
+        let p = quantize_block_inline(x, qmax, c);
+        scales[b] = p.scale;
+        zps[b] = p.zero_point;
+    }
+}
+
+#[inline(always)]
+fn quantize_block_inline(x: &[f32], qmax: u8, codes: &mut [u8]) -> BlockParams {
     let (lo, hi) = range(x);
     if hi == lo {
         codes.fill(0);
@@ -211,7 +270,6 @@ impl BlockQuantized {
         assert_eq!(data.len(), rows * cols, "matrix data and shape disagree");
         assert!(spec.block_size > 0, "block size must be positive");
         let blocks = cols.div_ceil(spec.block_size);
-        let qmax = spec.bits.qmax();
         let mut codes = vec![0u8; rows * cols];
         let mut scales = vec![0f32; rows * blocks];
         let mut zero_points = vec![0u8; rows * blocks];
@@ -222,15 +280,7 @@ impl BlockQuantized {
                 .zip(zero_points.par_chunks_mut(blocks))
                 .zip(data.par_chunks(cols))
                 .for_each(|(((row_codes, row_scales), row_zps), row)| {
-                    for (b, (x, c)) in row
-                        .chunks(spec.block_size)
-                        .zip(row_codes.chunks_mut(spec.block_size))
-                        .enumerate()
-                    {
-                        let p = quantize_block(x, qmax, c);
-                        row_scales[b] = p.scale;
-                        row_zps[b] = p.zero_point;
-                    }
+                    quantize_row(row, spec, row_codes, row_scales, row_zps);
                 });
         }
         BlockQuantized {
@@ -295,18 +345,23 @@ impl BlockQuantized {
     /// (`[N · ceil(blocks · bits / 8)]`, 4-bit ones two per byte, low nibble first).
     pub fn matmul_nbits(&self) -> PackedLayout {
         let (bs, nb, bits) = (self.spec.block_size, self.blocks(), self.spec.bits);
-        let mut padded = vec![0u8; self.rows * nb * bs];
-        for r in 0..self.rows {
-            let src = &self.codes[r * self.cols..(r + 1) * self.cols];
-            padded[r * nb * bs..r * nb * bs + self.cols].copy_from_slice(src);
-        }
+        let codes = if self.cols == nb * bs {
+            pack(&self.codes, bits)
+        } else {
+            let mut padded = vec![0u8; self.rows * nb * bs];
+            for r in 0..self.rows {
+                let src = &self.codes[r * self.cols..(r + 1) * self.cols];
+                padded[r * nb * bs..r * nb * bs + self.cols].copy_from_slice(src);
+            }
+            pack(&padded, bits)
+        };
         let zero_points = self
             .zero_points
             .chunks(nb.max(1))
             .flat_map(|row| pack(row, bits))
             .collect();
         PackedLayout {
-            codes: pack(&padded, bits),
+            codes,
             scales: self.scales.clone(),
             zero_points,
         }
@@ -352,6 +407,36 @@ pub fn pack(codes: &[u8], bits: Bits) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn avx2_build_gives_the_portable_build_bits() {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            for (bits, bs, cols) in [
+                (Bits::Int4, 32, 4096),
+                (Bits::Int8, 16, 200),
+                (Bits::Int4, 64, 100),
+            ] {
+                let spec = QuantSpec {
+                    bits,
+                    block_size: bs,
+                };
+                let row = weights(cols, cols as u64);
+                let nb = cols.div_ceil(bs);
+                let mut a = (vec![0u8; cols], vec![0f32; nb], vec![0u8; nb]);
+                let mut b = a.clone();
+                quantize_row_inline(&row, spec, &mut a.0, &mut a.1, &mut a.2);
+                // SAFETY: AVX2 is present (checked above).
+                unsafe { quantize_row_avx2(&row, spec, &mut b.0, &mut b.1, &mut b.2) };
+                assert_eq!(a.0, b.0);
+                assert_eq!(
+                    a.1.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                    b.1.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+                );
+                assert_eq!(a.2, b.2);
+            }
+        }
+    }
 
     /// A deterministic stream of roughly normal values (sum of uniforms), with occasional
     /// outliers as real weights have.

@@ -99,6 +99,39 @@ impl Tensor {
     }
 }
 
+impl Tensor {
+    /// Writes this block of rows `[n, cols]`, which starts at row `r0` of a `[rows, cols]`
+    /// matrix, into `out`: the bytes of that matrix's transpose `[cols, rows]` in `dtype`.
+    pub fn scatter_transposed(&self, out: &mut [u8], r0: usize, rows: usize, dtype: DType) {
+        let (n, cols) = match self.shape.as_slice() {
+            [n, c] => (*n, *c),
+            _ => return,
+        };
+        let size = dtype.size();
+        assert_eq!(out.len(), rows * cols * size, "transposed output size");
+        assert!(r0 + n <= rows, "row block outside the matrix");
+        if n == 0 || cols == 0 {
+            return;
+        }
+        let data = &self.data;
+        // Each task owns TILE output rows (= TILE columns of this block).
+        out.par_chunks_mut(TILE * rows * size)
+            .enumerate()
+            .for_each(|(i, dst)| {
+                let c0 = i * TILE;
+                let c1 = (c0 + TILE).min(cols);
+                let mut column = vec![0f32; n];
+                for c in c0..c1 {
+                    for (k, v) in column.iter_mut().enumerate() {
+                        *v = data[k * cols + c];
+                    }
+                    let at = ((c - c0) * rows + r0) * size;
+                    encode(column.iter().copied(), &mut dst[at..at + n * size], dtype);
+                }
+            });
+    }
+}
+
 /// Side of the square tiles transposes walk in.
 const TILE: usize = 32;
 
@@ -199,6 +232,35 @@ pub struct WeightError(pub String);
 /// Supplies weights by canonical checkpoint name, one tensor at a time.
 pub trait WeightSource {
     fn tensor(&mut self, name: &str) -> Result<Tensor, WeightError>;
+
+    /// The shape of `name`, without converting its data when the source can avoid it.
+    fn shape(&mut self, name: &str) -> Result<Vec<usize>, WeightError> {
+        Ok(self.tensor(name)?.shape)
+    }
+
+    /// Rows `rows` of the 2-D tensor `name` (`[rows.len(), cols]`), for weights too large to
+    /// hold in float32 at once; the same values as the corresponding rows of [`Self::tensor`].
+    fn rows(&mut self, name: &str, rows: std::ops::Range<usize>) -> Result<Tensor, WeightError> {
+        let t = self.tensor(name)?;
+        slice_rows(&t, name, rows)
+    }
+}
+
+/// Rows `rows` of a 2-D tensor; the error names `name`.
+pub fn slice_rows(
+    t: &Tensor,
+    name: &str,
+    rows: std::ops::Range<usize>,
+) -> Result<Tensor, WeightError> {
+    match t.shape.as_slice() {
+        [r, c] if rows.start <= rows.end && rows.end <= *r => Ok(Tensor::new(
+            vec![rows.len(), *c],
+            t.data[rows.start * c..rows.end * c].to_vec(),
+        )),
+        shape => Err(WeightError(format!(
+            "rows {rows:?} of `{name}` with shape {shape:?}"
+        ))),
+    }
 }
 
 #[cfg(test)]

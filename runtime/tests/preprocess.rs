@@ -504,7 +504,10 @@ mod preprocess {
                 ));
             }
         }
-        assert!(failures.is_empty(), "not bit-equal to the golden: {failures:?}");
+        assert!(
+            failures.is_empty(),
+            "not bit-equal to the golden: {failures:?}"
+        );
     }
 
     // ---------------------------------------------------------------- JPEG input

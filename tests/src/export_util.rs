@@ -97,6 +97,7 @@ impl Layout {
             logits: Logits::All,
             force: false,
             progress: false,
+            stream_elements: carrot_graphs::nn::STREAM_ELEMENTS,
         }
     }
 }
