@@ -189,7 +189,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", carrot_export::error_line(&e));
             ExitCode::FAILURE
         }
     }

@@ -1,16 +1,16 @@
-//! The LoRA merge kernel: `W += s · (B @ A)` in float32 (peft `get_delta_weight`).
+//! The LoRA merge: `W += s · (B @ A)` in float32 (peft `get_delta_weight`), as a GEMM.
 
-/// Width of the column panels of `A` packed contiguously, and of the register tile.
-const PANEL: usize = 16;
-/// Output rows computed together, so each panel row of `A` is loaded once for all of them.
-const ROW_BLOCK: usize = 4;
+use rayon::prelude::*;
+
+/// Rows of `W` per parallel task.
+const ROWS_PER_TASK: usize = 256;
 
 /// `w[out, in] += scaling · (b[out, r] @ a[r, in])`, all row-major float32.
 ///
-/// `(B @ A)` is accumulated per element before the scaling is applied, as peft's
-/// `(weight_B @ weight_A) * scaling`. Rows are split between threads; within a thread, a
-/// `r × 16` panel of `A` is packed contiguously (it stays in L1) and `4 × 16` outputs are
-/// accumulated in registers.
+/// `matrixmultiply`'s SGEMM computes `B @ A` (with the CPU's widest kernels, chosen at run time)
+/// and adds it scaled, as peft's `weight + (weight_B @ weight_A) * scaling`. Blocks of rows run
+/// on all threads; each element's sum runs over `r` in the same order whatever the split, so
+/// the result does not depend on the thread count.
 pub fn merge_lora(
     w: &mut [f32],
     out: usize,
@@ -23,69 +23,35 @@ pub fn merge_lora(
     assert_eq!(w.len(), out * inp, "merge_lora: weight size");
     assert_eq!(a.len(), r * inp, "merge_lora: lora_A size");
     assert_eq!(b.len(), out * r, "merge_lora: lora_B size");
-    if out == 0 || inp == 0 {
+    if out == 0 || inp == 0 || r == 0 {
         return;
     }
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .clamp(1, 4);
-    let threads = if out * inp * r < 1 << 22 { 1 } else { threads };
-    let rows_per = out.div_ceil(threads);
-    std::thread::scope(|scope| {
-        for (w_rows, b_rows) in w.chunks_mut(rows_per * inp).zip(b.chunks(rows_per * r)) {
-            scope.spawn(move || merge_rows(w_rows, inp, a, b_rows, r, scaling));
-        }
-    });
-}
-
-fn merge_rows(w: &mut [f32], inp: usize, a: &[f32], b: &[f32], r: usize, scaling: f32) {
-    let rows = w.len() / inp;
-    let full_blocks = rows / ROW_BLOCK * ROW_BLOCK;
-    let mut panel = vec![[0f32; PANEL]; r];
-    for c0 in (0..inp).step_by(PANEL) {
-        let width = PANEL.min(inp - c0);
-        for (k, dst) in panel.iter_mut().enumerate() {
-            dst[..width].copy_from_slice(&a[k * inp + c0..k * inp + c0 + width]);
-            dst[width..].fill(0.0);
-        }
-        for row0 in (0..full_blocks).step_by(ROW_BLOCK) {
-            let mut acc = [[0f32; PANEL]; ROW_BLOCK];
-            for (k, a_k) in panel.iter().enumerate() {
-                for (i, acc_i) in acc.iter_mut().enumerate() {
-                    let bk = b[(row0 + i) * r + k];
-                    for j in 0..PANEL {
-                        acc_i[j] += bk * a_k[j];
-                    }
-                }
-            }
-            for (i, acc_i) in acc.iter().enumerate() {
-                add_scaled(
-                    &mut w[(row0 + i) * inp + c0..(row0 + i) * inp + c0 + width],
-                    acc_i,
+    w.par_chunks_mut(ROWS_PER_TASK * inp)
+        .zip(b.par_chunks(ROWS_PER_TASK * r))
+        .for_each(|(w_rows, b_rows)| {
+            let m = w_rows.len() / inp;
+            // SAFETY: the pointers and strides describe `b_rows` [m, r], `a` [r, inp] and
+            // `w_rows` [m, inp], row-major, all in bounds (lengths asserted or derived above);
+            // `w_rows` does not alias the inputs.
+            unsafe {
+                matrixmultiply::sgemm(
+                    m,
+                    r,
+                    inp,
                     scaling,
+                    b_rows.as_ptr(),
+                    r as isize,
+                    1,
+                    a.as_ptr(),
+                    inp as isize,
+                    1,
+                    1.0,
+                    w_rows.as_mut_ptr(),
+                    inp as isize,
+                    1,
                 );
             }
-        }
-        for row in full_blocks..rows {
-            let mut acc = [0f32; PANEL];
-            for (a_k, &bk) in panel.iter().zip(&b[row * r..(row + 1) * r]) {
-                for j in 0..PANEL {
-                    acc[j] += bk * a_k[j];
-                }
-            }
-            add_scaled(
-                &mut w[row * inp + c0..row * inp + c0 + width],
-                &acc,
-                scaling,
-            );
-        }
-    }
-}
-
-fn add_scaled(w: &mut [f32], delta: &[f32; PANEL], scaling: f32) {
-    for (x, &d) in w.iter_mut().zip(delta) {
-        *x += d * scaling;
-    }
+        });
 }
 
 #[cfg(test)]
@@ -110,5 +76,32 @@ mod tests {
                 assert_eq!(w[o * inp + i], base[o * inp + i] + d * 0.5, "({o}, {i})");
             }
         }
+    }
+
+    #[test]
+    fn merge_does_not_depend_on_the_thread_count() {
+        let (out, inp, r) = (1000, 300, 16);
+        let noise = |n: usize, seed: u32| -> Vec<f32> {
+            (0..n as u32)
+                .map(|i| ((i.wrapping_mul(2_654_435_761) ^ seed) % 1000) as f32 / 997.0 - 0.5)
+                .collect()
+        };
+        let (a, b, base) = (noise(r * inp, 1), noise(out * r, 2), noise(out * inp, 3));
+        let merged = |threads: usize| {
+            let mut w = base.clone();
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap_or_else(|e| panic!("{e}"))
+                .install(|| merge_lora(&mut w, out, inp, &a, &b, r, 2.0));
+            w
+        };
+        let (one, four) = (merged(1), merged(4));
+        assert!(
+            one.iter()
+                .zip(&four)
+                .all(|(x, y)| x.to_bits() == y.to_bits())
+        );
+        assert!(one.iter().zip(&base).any(|(x, y)| x != y));
     }
 }

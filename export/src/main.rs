@@ -59,7 +59,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", carrot_export::error_line(&e));
             ExitCode::FAILURE
         }
     }
