@@ -30,6 +30,9 @@ enum Job {
 pub struct BackgroundFile {
     buf: Vec<u8>,
     jobs: Option<SyncSender<Job>>,
+    /// Buffers the thread has written, handed back for reuse (fresh ones would each cost the
+    /// kernel 16 MiB of page zeroing).
+    spare: Receiver<Vec<u8>>,
     thread: Option<JoinHandle<io::Result<()>>>,
 }
 
@@ -44,12 +47,14 @@ impl std::fmt::Debug for BackgroundFile {
 impl BackgroundFile {
     pub fn new(file: File) -> io::Result<Self> {
         let (tx, rx) = sync_channel(QUEUE);
+        let (give_back, spare) = sync_channel(QUEUE + 2);
         let thread = std::thread::Builder::new()
             .name("carrot-export-writer".into())
-            .spawn(move || write_loop(file, rx))?;
+            .spawn(move || write_loop(file, rx, give_back))?;
         Ok(Self {
             buf: Vec::with_capacity(BUFFER),
             jobs: Some(tx),
+            spare,
             thread: Some(thread),
         })
     }
@@ -74,7 +79,14 @@ impl BackgroundFile {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let full = std::mem::replace(&mut self.buf, Vec::with_capacity(BUFFER));
+        let next = match self.spare.try_recv() {
+            Ok(mut b) => {
+                b.clear();
+                b
+            }
+            Err(_) => Vec::with_capacity(BUFFER),
+        };
+        let full = std::mem::replace(&mut self.buf, next);
         self.send(Job::Data(full))
     }
 
@@ -125,7 +137,11 @@ impl Drop for BackgroundFile {
     }
 }
 
-fn write_loop(mut file: File, jobs: Receiver<Job>) -> io::Result<()> {
+fn write_loop(
+    mut file: File,
+    jobs: Receiver<Job>,
+    give_back: SyncSender<Vec<u8>>,
+) -> io::Result<()> {
     let mut written = 0u64;
     let mut synced = 0u64;
     for job in jobs {
@@ -133,6 +149,7 @@ fn write_loop(mut file: File, jobs: Receiver<Job>) -> io::Result<()> {
             Job::Data(bytes) => {
                 file.write_all(&bytes)?;
                 written += bytes.len() as u64;
+                let _ = give_back.try_send(bytes);
                 while written - synced >= WINDOW {
                     settle(&file, synced, WINDOW);
                     synced += WINDOW;
