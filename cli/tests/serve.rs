@@ -559,3 +559,163 @@ fn a_chat_template_model_takes_system_messages_and_no_images() {
     assert_eq!(response.status, 400, "{}", response.body);
     assert!(response.body.contains("text-only"), "{}", response.body);
 }
+
+/// A server whose model is attached only when the returned sender fires: `/ready` is 503 and
+/// the API refuses with 503 `loading` until then.
+#[test]
+fn ready_is_503_until_the_model_is_attached_then_200() {
+    let pipeline = load(model_dir());
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (attach_tx, attach_rx) = std::sync::mpsc::channel::<()>();
+    let settings = Settings {
+        model: "carrot-served".into(),
+        ..Settings::for_model_dir(model_dir())
+    };
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let listener = runtime
+            .block_on(serve::listen("127.0.0.1", 0, false))
+            .expect("listen");
+        addr_tx
+            .send(listener.local_addr().expect("address"))
+            .expect("report address");
+        let (router, loading) = serve::router_loading(settings);
+        let server = runtime.spawn(serve::serve(listener, router, std::future::pending()));
+        attach_rx.recv().expect("attach signal");
+        let _worker = loading.attach(pipeline).expect("attach");
+        let _ = runtime.block_on(server);
+    });
+    let addr = addr_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("server address");
+    let before = http(addr, "GET", "/ready", None, &[]);
+    assert_eq!(before.status, 503, "{}", before.body);
+    assert_eq!(before.json()["status"], "loading");
+    assert_eq!(http(addr, "GET", "/health", None, &[]).status, 200);
+    let body = json!({"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 2});
+    let early = http(addr, "POST", "/v1/chat/completions", Some(&body), &[]);
+    assert_eq!(early.status, 503, "{}", early.body);
+    assert_eq!(early.json()["error"]["code"], "loading");
+
+    attach_tx.send(()).expect("attach");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while http(addr, "GET", "/ready", None, &[]).status != 200 {
+        assert!(std::time::Instant::now() < deadline, "never ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let answer = http(addr, "POST", "/v1/chat/completions", Some(&body), &[]);
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(answer.json()["model"], "carrot-served");
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in:\n{text}"))
+}
+
+#[test]
+fn metrics_count_requests_tokens_images_and_latencies() {
+    let (addr, _stop) = start(model_dir(), Settings::for_model_dir(model_dir()));
+    let before = http(addr, "GET", "/metrics", None, &[]);
+    assert_eq!(before.status, 200);
+    assert!(
+        before
+            .headers
+            .to_ascii_lowercase()
+            .contains("application/openmetrics-text"),
+        "{}",
+        before.headers
+    );
+    assert_eq!(metric(&before.body, "carrot_generated_tokens_total"), 0.0);
+    assert_eq!(metric(&before.body, "carrot_requests_waiting"), 0.0);
+    let image =
+        base64::engine::general_purpose::STANDARD.encode(std::fs::read(chelsea()).expect("photo"));
+    let body = json!({
+        "messages": [{"role": "user", "content": [
+            {"type": "text", "text": QUESTION},
+            {"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{image}")}}
+        ]}],
+        "max_tokens": 5,
+        "temperature": 0,
+    });
+    let answer = http(addr, "POST", "/v1/chat/completions", Some(&body), &[]);
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let usage = &answer.json()["usage"];
+    let after = http(addr, "GET", "/metrics", None, &[]).body;
+    assert_eq!(
+        metric(&after, "carrot_generated_tokens_total"),
+        usage["completion_tokens"]
+            .as_f64()
+            .expect("completion_tokens")
+    );
+    assert_eq!(
+        metric(&after, "carrot_prompt_tokens_total"),
+        usage["prompt_tokens"].as_f64().expect("prompt_tokens")
+    );
+    assert_eq!(metric(&after, "carrot_images_encoded_total"), 1.0);
+    assert_eq!(metric(&after, "carrot_requests_total{outcome=\"ok\"}"), 1.0);
+    assert_eq!(metric(&after, "carrot_requests_running"), 0.0);
+    assert_eq!(
+        metric(&after, "carrot_time_to_first_token_seconds_count"),
+        1.0
+    );
+    assert_eq!(
+        metric(&after, "carrot_inter_token_latency_seconds_count"),
+        usage["completion_tokens"].as_f64().expect("n") - 1.0
+    );
+}
+
+#[test]
+fn an_api_key_guards_the_api_but_not_the_probes() {
+    let settings = Settings {
+        api_key: Some("s3cret".into()),
+        ..Settings::for_model_dir(model_dir())
+    };
+    let (addr, _stop) = start(model_dir(), settings);
+    let body = json!({"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 2});
+    for auth in [
+        None,
+        Some("Bearer wrong"),
+        Some("s3cret"),
+        Some("Bearer s3cre"),
+    ] {
+        let headers: Vec<(&str, &str)> = auth.map(|a| ("Authorization", a)).into_iter().collect();
+        let r = http(addr, "POST", "/v1/chat/completions", Some(&body), &headers);
+        assert_eq!(r.status, 401, "{auth:?}: {}", r.body);
+        assert_eq!(r.json()["error"]["code"], "invalid_api_key");
+        assert_eq!(http(addr, "GET", "/v1/models", None, &headers).status, 401);
+    }
+    let ok = http(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&body),
+        &[("Authorization", "Bearer s3cret")],
+    );
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    for open in ["/health", "/ready", "/metrics"] {
+        assert_eq!(http(addr, "GET", open, None, &[]).status, 200, "{open}");
+    }
+}
+
+#[test]
+fn serving_beyond_loopback_without_an_api_key_is_refused() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_carrot"))
+        .args(["serve", "--model"])
+        .arg(model_dir())
+        .args(["--host", "0.0.0.0", "--port", "0", "--allow-remote"])
+        .env_remove("CARROT_API_KEY")
+        .output()
+        .expect("run carrot serve");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--allow-remote needs --api-key"),
+        "{stderr}"
+    );
+}

@@ -134,8 +134,19 @@ pub fn init(explicit: Option<&Path>) -> Result<Located, OrtLibError> {
                 path: located.path.clone(),
                 reason: e.to_string(),
             })?;
+            // One intra-op pool for every session that does not ask for its own thread count
+            // (see `providers::session_builder`): vision, embed and decoder then share threads
+            // instead of three pools spinning against each other.
+            let pool = ort::environment::GlobalThreadPoolOptions::default()
+                .with_intra_threads(0)
+                .and_then(|p| p.with_spin_control(true))
+                .map_err(|e| OrtLibError::Load {
+                    path: located.path.clone(),
+                    reason: e.to_string(),
+                })?;
             let env = builder
                 .with_name("carrot")
+                .with_global_thread_pool(pool)
                 .build()
                 .map_err(|e| OrtLibError::Load {
                     path: located.path.clone(),

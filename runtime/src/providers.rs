@@ -175,15 +175,19 @@ pub(crate) fn session_builder(
     b = b
         .with_optimization_level(GraphOptimizationLevel::Level3)
         .map_err(|e| e.to_string())?;
-    let threads = match role {
-        SessionRole::Embed => Some(1),
-        SessionRole::Decoder | SessionRole::Vision => opts.threads,
-    };
-    if let Some(n) = threads {
-        b = b.with_intra_threads(n).map_err(|e| e.to_string())?;
-    }
-    if role == SessionRole::Vision {
-        b = b.with_intra_op_spinning(false).map_err(|e| e.to_string())?;
+    // Without an explicit thread count every session runs on the environment's one shared
+    // intra-op pool (ONNX Runtime's default size). An explicit count gives each session its own
+    // pool: the decoder and vision that many threads, the embedding (a row lookup per step) one,
+    // vision's threads sleeping instead of spinning when done.
+    if let Some(n) = opts.threads {
+        let n = if role == SessionRole::Embed { 1 } else { n };
+        b = b
+            .with_independent_thread_pool()
+            .and_then(|b| b.with_intra_threads(n))
+            .map_err(|e| e.to_string())?;
+        if role == SessionRole::Vision {
+            b = b.with_intra_op_spinning(false).map_err(|e| e.to_string())?;
+        }
     }
     if opts.parallel_prepack == Some(true) {
         b = b

@@ -26,6 +26,58 @@ pub async fn health(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok", "model": app.model }))
 }
 
+/// 200 once the model is loaded, 503 before (a readiness probe).
+pub async fn ready(State(app): State<Arc<App>>) -> Response {
+    if app.loaded.get().is_some() {
+        Json(serde_json::json!({ "status": "ready", "model": app.model })).into_response()
+    } else {
+        (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({ "status": "loading", "model": app.model })),
+        )
+            .into_response()
+    }
+}
+
+pub async fn metrics(State(app): State<Arc<App>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        app.metrics.render(),
+    )
+        .into_response()
+}
+
+/// With an API key, `/v1/` routes need `Authorization: Bearer KEY` (401 otherwise, in OpenAI's
+/// error shape); health, readiness and metrics stay open for probes and scrapers.
+pub async fn authorized(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    if let Some(key) = &app.api_key
+        && request.uri().path().starts_with("/v1/")
+    {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        if !same_secret(given.as_bytes(), key.as_bytes()) {
+            return ApiError::unauthorized(
+                "invalid_api_key",
+                "missing or wrong API key: send `Authorization: Bearer <key>`",
+            )
+            .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// Compares without stopping at the first differing byte.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 pub async fn models(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
     Json(serde_json::json!({
         "object": "list",
@@ -69,11 +121,17 @@ async fn chat(app: Arc<App>, body: Result<Bytes, BytesRejection>) -> Result<Resp
         .stream_options
         .as_ref()
         .is_some_and(|o| o.include_usage);
-    let input = job_input(request, &app.capabilities)?;
+    let loaded = app.loaded.get().ok_or_else(|| {
+        ApiError::unavailable(
+            "loading",
+            "the model is still loading; retry when GET /ready answers 200",
+        )
+    })?;
+    let input = job_input(request, &loaded.capabilities)?;
 
     let (replies, mut rx) = mpsc::unbounded_channel();
     let timeout = app.limits.request_timeout;
-    app.queue.submit(Job {
+    loaded.queue.submit(Job {
         input,
         deadline: Instant::now() + timeout,
         timeout,

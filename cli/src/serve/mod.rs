@@ -1,6 +1,9 @@
 //! `carrot serve`: OpenAI's chat-completions API over HTTP for one loaded model.
 //!
-//! - `GET /health` → `{"status": "ok", "model": …}`
+//! - `GET /health` → `{"status": "ok", "model": …}` (the process is up)
+//! - `GET /ready` → 200 `{"status": "ready"}` once the graphs are loaded, 503 `{"status":
+//!   "loading"}` before
+//! - `GET /metrics` → Prometheus text ([`metrics`])
 //! - `GET /v1/models` → the one model
 //! - `POST /v1/chat/completions` → a `chat.completion`, or with `stream: true` server-sent
 //!   `chat.completion.chunk` events ending with `data: [DONE]`
@@ -14,6 +17,7 @@ mod convert;
 mod error;
 mod handlers;
 mod image_url;
+pub mod metrics;
 mod openai;
 mod stop;
 mod worker;
@@ -21,7 +25,7 @@ mod worker;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -49,10 +53,20 @@ pub struct ServeArgs {
     /// 0 picks a free port.
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
-    /// Listen on a non-loopback address. The server has no authentication; with this flag it
-    /// refuses file:// image URLs.
+    /// Listen on a non-loopback address (needs --api-key); image URLs may then not be file://.
     #[arg(long)]
     pub allow_remote: bool,
+    /// Require `Authorization: Bearer KEY` on /v1/ requests (also from $CARROT_API_KEY).
+    #[arg(
+        long,
+        env = "CARROT_API_KEY",
+        value_name = "KEY",
+        hide_env_values = true
+    )]
+    pub api_key: Option<String>,
+    /// The model name in responses and /v1/models (default: the model directory's name).
+    #[arg(long, value_name = "NAME")]
+    pub served_model_name: Option<String>,
     /// Most requests waiting while one is answered; more are refused with 503.
     #[arg(long, default_value_t = Limits::default().max_queue)]
     pub max_queue: usize,
@@ -90,6 +104,8 @@ pub struct Settings {
     /// Serving beyond loopback: no host/origin check, no `file://` images.
     pub allow_remote: bool,
     pub limits: Limits,
+    /// Bearer token required on `/v1/` routes.
+    pub api_key: Option<String>,
 }
 
 impl Settings {
@@ -104,6 +120,7 @@ impl Settings {
             model,
             allow_remote: false,
             limits: Limits::default(),
+            api_key: None,
         }
     }
 }
@@ -131,6 +148,10 @@ pub enum ServeError {
     },
     #[error("cannot start the model worker thread: {0}")]
     Worker(#[source] std::io::Error),
+    #[error(
+        "--allow-remote needs --api-key (or CARROT_API_KEY): a server beyond loopback must authenticate its clients"
+    )]
+    NoApiKey,
 }
 
 /// Shared by all handlers.
@@ -139,6 +160,14 @@ pub(crate) struct App {
     model: String,
     allow_remote: bool,
     limits: Limits,
+    api_key: Option<String>,
+    metrics: Arc<metrics::Metrics>,
+    /// Set once the graphs are loaded and the worker runs.
+    loaded: OnceLock<Loaded>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Loaded {
     capabilities: Capabilities,
     queue: Queue,
 }
@@ -174,33 +203,69 @@ pub async fn listen(host: &str, port: u16, allow_remote: bool) -> Result<TcpList
 /// The HTTP routes around a worker thread that owns `pipeline`. Join the [`Worker`] after
 /// the router (every clone of it) has been dropped.
 pub fn router(pipeline: Pipeline, settings: Settings) -> Result<(Router, Worker), ServeError> {
-    let manifest = &pipeline.engine.manifest;
-    let capabilities = Capabilities {
-        template: Template::from_manifest(&manifest.prompt.template),
-        vision: pipeline.engine.has_vision(),
-        file_urls: !settings.allow_remote,
-    };
-    let (worker, queue) =
-        Worker::spawn(pipeline, settings.limits.max_queue).map_err(ServeError::Worker)?;
+    let (router, loading) = router_loading(settings);
+    let worker = loading.attach(pipeline)?;
+    Ok((router, worker))
+}
+
+/// The HTTP routes before the model is loaded: `/health` and `/metrics` answer, `/ready` and
+/// the API answer 503 until [`Loading::attach`] hands over the pipeline.
+pub fn router_loading(settings: Settings) -> (Router, Loading) {
     let app = Arc::new(App {
         model: settings.model,
         allow_remote: settings.allow_remote,
         limits: settings.limits,
-        capabilities,
-        queue,
+        api_key: settings.api_key.filter(|k| !k.is_empty()),
+        metrics: Arc::new(metrics::Metrics::default()),
+        loaded: OnceLock::new(),
     });
     let router = Router::new()
         .route("/health", get(handlers::health))
+        .route("/ready", get(handlers::ready))
+        .route("/metrics", get(handlers::metrics))
         .route("/v1/models", get(handlers::models))
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .fallback(handlers::not_found)
         .layer(axum::middleware::from_fn_with_state(
             app.clone(),
+            handlers::authorized,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
             handlers::local_only,
         ))
         .layer(DefaultBodyLimit::max(settings.limits.max_body_bytes))
-        .with_state(app);
-    Ok((router, worker))
+        .with_state(app.clone());
+    (router, Loading { app })
+}
+
+/// A router waiting for its model.
+#[derive(Debug)]
+pub struct Loading {
+    app: Arc<App>,
+}
+
+impl Loading {
+    /// Start the worker on `pipeline`; from now on the server is ready.
+    pub fn attach(self, pipeline: Pipeline) -> Result<Worker, ServeError> {
+        let manifest = &pipeline.engine.manifest;
+        let capabilities = Capabilities {
+            template: Template::from_manifest(&manifest.prompt.template),
+            vision: pipeline.engine.has_vision(),
+            file_urls: !self.app.allow_remote,
+        };
+        let (worker, queue) = Worker::spawn(
+            pipeline,
+            self.app.limits.max_queue,
+            self.app.metrics.clone(),
+        )
+        .map_err(ServeError::Worker)?;
+        let _ = self.app.loaded.set(Loaded {
+            capabilities,
+            queue,
+        });
+        Ok(worker)
+    }
 }
 
 /// Answer connections on `listener` until `shutdown` completes, then finish the requests in
@@ -239,8 +304,13 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// `carrot serve`: load the model, listen, answer until Ctrl-C.
+/// `carrot serve`: listen, load the model (`/ready` answers 503 meanwhile), answer until Ctrl-C
+/// or SIGTERM, then finish the requests in flight.
 pub fn run(args: &ServeArgs, load: &LoadOptions) -> anyhow::Result<()> {
+    let api_key = args.api_key.clone().filter(|k| !k.is_empty());
+    if args.allow_remote && api_key.is_none() {
+        return Err(ServeError::NoApiKey.into());
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -248,26 +318,36 @@ pub fn run(args: &ServeArgs, load: &LoadOptions) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     let listener = runtime.block_on(listen(&args.host, args.port, args.allow_remote))?;
     let addr = listener.local_addr().context("reading the bound address")?;
-    let pipeline = Pipeline::load(&args.model, load)
-        .with_context(|| format!("loading {}", args.model.display()))?;
+    let defaults = Settings::for_model_dir(&args.model);
     let settings = Settings {
+        model: args.served_model_name.clone().unwrap_or(defaults.model),
         allow_remote: args.allow_remote,
         limits: Limits {
             max_queue: args.max_queue,
             request_timeout: Duration::from_secs(args.request_timeout),
             ..Limits::default()
         },
-        ..Settings::for_model_dir(&args.model)
+        api_key,
     };
     let model = settings.model.clone();
-    let (router, worker) = router(pipeline, settings)?;
-    tracing::info!(
-        "serving {model} on http://{addr} (POST /v1/chat/completions, GET /health); Ctrl-C stops"
-    );
-    runtime.block_on(serve(listener, router, async {
+    let (router, loading) = router_loading(settings);
+    let server = runtime.spawn(serve(listener, router, async {
         shutdown_signal().await;
         tracing::info!("stopping; finishing requests in flight");
-    }))?;
+    }));
+    tracing::info!(
+        "loading {} (GET /ready answers 503 until done)",
+        args.model.display()
+    );
+    let pipeline = Pipeline::load(&args.model, load)
+        .with_context(|| format!("loading {}", args.model.display()))?;
+    let worker = loading.attach(pipeline)?;
+    tracing::info!(
+        "serving {model} on http://{addr} (POST /v1/chat/completions, GET /health, /ready, /metrics); Ctrl-C stops"
+    );
+    runtime
+        .block_on(server)
+        .context("the HTTP server task failed")??;
     worker.join();
     Ok(())
 }

@@ -5,6 +5,7 @@
 //! string occurs, or when its deadline passes.
 
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -12,6 +13,7 @@ use tokio::sync::mpsc;
 
 use super::convert::{JobInput, JobPrompt};
 use super::error::ApiError;
+use super::metrics::Metrics;
 use super::stop::{Filtered, StopText};
 use carrot_runtime::engine::ImageFeatures;
 use carrot_runtime::generate::{Event, Generation, Request};
@@ -43,11 +45,18 @@ pub struct Job {
 #[derive(Clone, Debug)]
 pub struct Queue {
     jobs: mpsc::Sender<Job>,
+    metrics: Arc<Metrics>,
 }
 
 impl Queue {
     pub fn submit(&self, job: Job) -> Result<(), ApiError> {
-        self.jobs.try_send(job).map_err(|e| match e {
+        // Counted before sending: the worker may take the job at once.
+        self.metrics.waiting.inc();
+        let sent = self.jobs.try_send(job);
+        if sent.is_err() {
+            self.metrics.waiting.dec();
+        }
+        sent.map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => ApiError::unavailable(
                 "server_busy",
                 format!(
@@ -70,16 +79,25 @@ pub struct Worker {
 
 impl Worker {
     /// Starts the thread; at most `max_queue` requests wait while one runs.
-    pub fn spawn(pipeline: Pipeline, max_queue: usize) -> std::io::Result<(Worker, Queue)> {
+    pub fn spawn(
+        pipeline: Pipeline,
+        max_queue: usize,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<(Worker, Queue)> {
         let (jobs, mut rx) = mpsc::channel::<Job>(max_queue.max(1));
+        let m = metrics.clone();
         let thread = std::thread::Builder::new()
             .name("carrot-model".into())
             .spawn(move || {
                 let mut pipeline = pipeline;
                 while let Some(job) = rx.blocking_recv() {
+                    m.waiting.dec();
+                    m.running.inc();
                     let replies = job.replies.clone();
                     let outcome =
-                        std::panic::catch_unwind(AssertUnwindSafe(|| run(&mut pipeline, &job)));
+                        std::panic::catch_unwind(AssertUnwindSafe(|| run(&mut pipeline, &job, &m)));
+                    m.running.dec();
+                    m.finished(matches!(outcome, Ok(Ok(()))));
                     let failure = match outcome {
                         Ok(Ok(())) => None,
                         Ok(Err(e)) => Some(e),
@@ -96,7 +114,7 @@ impl Worker {
             Worker {
                 thread: Some(thread),
             },
-            Queue { jobs },
+            Queue { jobs, metrics },
         ))
     }
 
@@ -118,7 +136,8 @@ fn timed_out(job: &Job) -> ApiError {
     )
 }
 
-fn run(pipeline: &mut Pipeline, job: &Job) -> Result<(), ApiError> {
+fn run(pipeline: &mut Pipeline, job: &Job, metrics: &Metrics) -> Result<(), ApiError> {
+    let arrived = job.deadline - job.timeout;
     let replies = &job.replies;
     if replies.is_closed() {
         return Ok(());
@@ -144,6 +163,7 @@ fn run(pipeline: &mut Pipeline, job: &Job) -> Result<(), ApiError> {
         &prompt_ids,
         pipeline.engine.manifest.prompt.image_token_index,
     )?;
+    metrics.images_encoded.inc_by(pixels.len() as u64);
     let features: Vec<ImageFeatures> = if pixels.is_empty() {
         Vec::new()
     } else {
@@ -158,7 +178,20 @@ fn run(pipeline: &mut Pipeline, job: &Job) -> Result<(), ApiError> {
         options: pipeline.options(&input.params),
     };
     let mut generation = Generation::new(&mut pipeline.engine, &pipeline.tokenizer, &request)?;
+    metrics.prompt_tokens.inc_by(generation.prompt_len() as u64);
     let _ = replies.send(Reply::Started);
+    let mut last_token: Option<Instant> = None;
+    let mut token_seen = |metrics: &Metrics| {
+        let now = Instant::now();
+        match last_token {
+            None => metrics
+                .time_to_first_token
+                .observe((now - arrived).as_secs_f64()),
+            Some(t) => metrics.inter_token_latency.observe((now - t).as_secs_f64()),
+        }
+        metrics.generated_tokens.inc();
+        last_token = Some(now);
+    };
 
     let mut stop = StopText::new(input.stop.clone());
     let finish_reason = loop {
@@ -169,7 +202,10 @@ fn run(pipeline: &mut Pipeline, job: &Job) -> Result<(), ApiError> {
             return Err(timed_out(job));
         }
         match generation.next_event()? {
-            Some(Event::Token { text_delta, .. }) => match stop.push(&text_delta) {
+            Some(Event::Token { text_delta, .. }) => match {
+                token_seen(metrics);
+                stop.push(&text_delta)
+            } {
                 Filtered::Text(text) => send_text(replies, text),
                 Filtered::Stopped(text) => {
                     send_text(replies, text);
@@ -183,6 +219,9 @@ fn run(pipeline: &mut Pipeline, job: &Job) -> Result<(), ApiError> {
             None => break generation.finish_reason().map_or("length", |r| r.as_str()),
         }
     };
+    metrics
+        .request_duration
+        .observe(arrived.elapsed().as_secs_f64());
     let _ = replies.send(Reply::Done {
         finish_reason,
         prompt_tokens: generation.prompt_len(),
