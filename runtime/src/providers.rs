@@ -183,7 +183,8 @@ pub(crate) fn session_builder(
         let n = if role == SessionRole::Embed { 1 } else { n };
         b = b
             .with_independent_thread_pool()
-            .and_then(|b| b.with_intra_threads(n))
+            .map_err(|e| e.to_string())?
+            .with_intra_threads(n)
             .map_err(|e| e.to_string())?;
         if role == SessionRole::Vision {
             b = b.with_intra_op_spinning(false).map_err(|e| e.to_string())?;

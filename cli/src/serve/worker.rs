@@ -202,16 +202,16 @@ fn run(pipeline: &mut Pipeline, job: &Job, metrics: &Metrics) -> Result<(), ApiE
             return Err(timed_out(job));
         }
         match generation.next_event()? {
-            Some(Event::Token { text_delta, .. }) => match {
+            Some(Event::Token { text_delta, .. }) => {
                 token_seen(metrics);
-                stop.push(&text_delta)
-            } {
-                Filtered::Text(text) => send_text(replies, text),
-                Filtered::Stopped(text) => {
-                    send_text(replies, text);
-                    break "stop";
+                match stop.push(&text_delta) {
+                    Filtered::Text(text) => send_text(replies, text),
+                    Filtered::Stopped(text) => {
+                        send_text(replies, text);
+                        break "stop";
+                    }
                 }
-            },
+            }
             Some(Event::Done { finish_reason, .. }) => {
                 send_text(replies, stop.finish());
                 break finish_reason.as_str();
