@@ -50,6 +50,16 @@ impl ApiError {
         }
     }
 
+    /// 429 with `Retry-After`: the queue is full; the client should come back shortly.
+    pub fn busy(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            kind: "rate_limit_error",
+            code: Some("server_busy"),
+            message: message.into(),
+        }
+    }
+
     pub fn unauthorized(code: &'static str, message: impl Into<String>) -> Self {
         Self {
             status: StatusCode::UNAUTHORIZED,
@@ -97,9 +107,19 @@ impl std::fmt::Display for ApiError {
     }
 }
 
+/// Seconds a refused client is asked to wait (`Retry-After` of a 429).
+pub const RETRY_AFTER_SECONDS: u64 = 1;
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body())).into_response()
+        let mut response = (self.status, Json(self.body())).into_response();
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(RETRY_AFTER_SECONDS),
+            );
+        }
+        response
     }
 }
 

@@ -57,13 +57,10 @@ impl Queue {
             self.metrics.waiting.dec();
         }
         sent.map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => ApiError::unavailable(
-                "server_busy",
-                format!(
-                    "the server is busy: {} requests are already waiting; retry later",
-                    self.jobs.max_capacity()
-                ),
-            ),
+            mpsc::error::TrySendError::Full(_) => ApiError::busy(format!(
+                "the server is busy: {} requests are already waiting; retry later",
+                self.jobs.max_capacity()
+            )),
             mpsc::error::TrySendError::Closed(_) => {
                 ApiError::internal("the model worker has stopped")
             }
@@ -233,5 +230,39 @@ fn run(pipeline: &mut Pipeline, job: &Job, metrics: &Metrics) -> Result<(), ApiE
 fn send_text(replies: &mpsc::UnboundedSender<Reply>, text: String) {
     if !text.is_empty() {
         let _ = replies.send(Reply::Text(text));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::response::IntoResponse;
+
+    use super::*;
+
+    #[test]
+    fn a_full_queue_answers_429_with_retry_after_and_counts_nothing() {
+        let (jobs, _rx) = mpsc::channel::<Job>(1);
+        let metrics = Arc::new(Metrics::default());
+        let queue = Queue {
+            jobs,
+            metrics: metrics.clone(),
+        };
+        let job = || Job {
+            input: JobInput {
+                prompt: JobPrompt::Turns(Vec::new()),
+                images: Vec::new(),
+                params: Default::default(),
+                stop: Vec::new(),
+            },
+            deadline: Instant::now(),
+            timeout: Duration::ZERO,
+            replies: mpsc::unbounded_channel().0,
+        };
+        queue.submit(job()).expect("room for one");
+        let err = queue.submit(job()).expect_err("the queue is full");
+        assert_eq!(metrics.waiting.get(), 1);
+        let response = err.into_response();
+        assert_eq!(response.status(), axum::http::StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[axum::http::header::RETRY_AFTER], "1");
     }
 }
