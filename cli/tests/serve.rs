@@ -719,3 +719,87 @@ fn serving_beyond_loopback_without_an_api_key_is_refused() {
         "{stderr}"
     );
 }
+
+fn image_message(text: &str) -> Value {
+    let image =
+        base64::engine::general_purpose::STANDARD.encode(std::fs::read(chelsea()).expect("photo"));
+    json!({"role": "user", "content": [
+        {"type": "text", "text": text},
+        {"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{image}")}}
+    ]})
+}
+
+fn chat_text(addr: SocketAddr, messages: &Value) -> (String, Value) {
+    let body = json!({"messages": messages, "max_tokens": 6, "temperature": 0});
+    let r = http(addr, "POST", "/v1/chat/completions", Some(&body), &[]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    (
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .expect("content")
+            .to_owned(),
+        v["usage"].clone(),
+    )
+}
+
+/// A repeated image is not encoded again, and a request that continues the previous one's
+/// conversation prefills only its new positions — with the answer a fresh server gives.
+#[test]
+fn repeated_images_and_continued_conversations_come_from_the_caches() {
+    let (addr, _stop) = start(model_dir(), Settings::for_model_dir(model_dir()));
+    let first = json!([image_message(QUESTION)]);
+    let (answer, usage) = chat_text(addr, &first);
+    let (again, _) = chat_text(addr, &first);
+    assert_eq!(again, answer, "the same request, answered from the caches");
+    let m = http(addr, "GET", "/metrics", None, &[]).body;
+    assert_eq!(metric(&m, "carrot_images_encoded_total"), 1.0, "{m}");
+    assert_eq!(metric(&m, "carrot_image_cache_hits_total"), 1.0);
+    let reused_before = metric(&m, "carrot_prompt_tokens_reused_total");
+    assert!(
+        reused_before > 0.0,
+        "the repeat reuses the first request's prompt"
+    );
+
+    let turn2 = json!([
+        image_message(QUESTION),
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": "And what colour is it?"}
+    ]);
+    let (continued, usage2) = chat_text(addr, &turn2);
+    let m = http(addr, "GET", "/metrics", None, &[]).body;
+    let reused = metric(&m, "carrot_prompt_tokens_reused_total") - reused_before;
+    let prompt2 = usage2["prompt_tokens"].as_f64().expect("prompt_tokens");
+    // Everything up to the first answer (prompt and answer, but for the answer's last token and
+    // whatever the template re-renders differently) comes from the cache.
+    assert!(
+        reused >= usage["prompt_tokens"].as_f64().expect("prompt_tokens") && reused < prompt2,
+        "reused {reused} of {prompt2}"
+    );
+    assert_eq!(metric(&m, "carrot_images_encoded_total"), 1.0);
+
+    let (fresh_addr, _fresh_stop) = start(model_dir(), Settings::for_model_dir(model_dir()));
+    let (fresh, _) = chat_text(fresh_addr, &turn2);
+    assert_eq!(
+        continued, fresh,
+        "answer from the cached prefix vs a fresh prefill"
+    );
+}
+
+#[test]
+fn an_image_cache_of_zero_encodes_every_time() {
+    let settings = Settings {
+        limits: Limits {
+            image_cache: 0,
+            ..Limits::default()
+        },
+        ..Settings::for_model_dir(model_dir())
+    };
+    let (addr, _stop) = start(model_dir(), settings);
+    let first = json!([image_message(QUESTION)]);
+    chat_text(addr, &first);
+    chat_text(addr, &first);
+    let m = http(addr, "GET", "/metrics", None, &[]).body;
+    assert_eq!(metric(&m, "carrot_images_encoded_total"), 2.0, "{m}");
+    assert_eq!(metric(&m, "carrot_image_cache_hits_total"), 0.0);
+}

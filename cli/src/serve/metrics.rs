@@ -2,7 +2,9 @@
 //!
 //! - `carrot_requests_waiting`, `carrot_requests_running` (gauges; autoscalers read these)
 //! - `carrot_requests_total{outcome="ok"|"error"}`
-//! - `carrot_prompt_tokens_total`, `carrot_generated_tokens_total`, `carrot_images_encoded_total`
+//! - `carrot_prompt_tokens_total`, `carrot_prompt_tokens_reused_total` (taken from the cache of
+//!   the request before), `carrot_generated_tokens_total`
+//! - `carrot_images_encoded_total`, `carrot_image_cache_hits_total`
 //! - `carrot_time_to_first_token_seconds`, `carrot_inter_token_latency_seconds`,
 //!   `carrot_request_duration_seconds` (histograms; time to first token counts from arrival, so
 //!   queueing is included)
@@ -29,8 +31,10 @@ pub struct Metrics {
     pub running: Gauge<i64, AtomicI64>,
     pub requests: Family<Outcome, Counter>,
     pub prompt_tokens: Counter,
+    pub prompt_tokens_reused: Counter,
     pub generated_tokens: Counter,
     pub images_encoded: Counter,
+    pub image_cache_hits: Counter,
     pub time_to_first_token: Histogram,
     pub inter_token_latency: Histogram,
     pub request_duration: Histogram,
@@ -45,8 +49,10 @@ impl Default for Metrics {
             running: Gauge::default(),
             requests: Family::default(),
             prompt_tokens: Counter::default(),
+            prompt_tokens_reused: Counter::default(),
             generated_tokens: Counter::default(),
             images_encoded: Counter::default(),
+            image_cache_hits: Counter::default(),
             // 1 ms … 65 s
             time_to_first_token: Histogram::new(exponential_buckets(0.001, 2.0, 17)),
             // 1 ms … 4 s
@@ -73,6 +79,16 @@ impl Default for Metrics {
             "prompt_tokens",
             "Prompt positions prefilled",
             m.prompt_tokens.clone(),
+        );
+        registry.register(
+            "prompt_tokens_reused",
+            "Prompt positions taken from the previous request's KV cache instead of prefilled",
+            m.prompt_tokens_reused.clone(),
+        );
+        registry.register(
+            "image_cache_hits",
+            "Images whose features came from the cache",
+            m.image_cache_hits.clone(),
         );
         registry.register(
             "generated_tokens",

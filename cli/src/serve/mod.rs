@@ -73,6 +73,9 @@ pub struct ServeArgs {
     /// Seconds a request may take, queueing included; then it ends with a 503 error.
     #[arg(long, value_name = "SECONDS", default_value_t = Limits::default().request_timeout.as_secs())]
     pub request_timeout: u64,
+    /// Images whose vision features are kept, by content, for requests that repeat them.
+    #[arg(long, value_name = "N", default_value_t = Limits::default().image_cache)]
+    pub image_cache: usize,
 }
 
 /// Bounds on what clients can make the server do.
@@ -84,6 +87,8 @@ pub struct Limits {
     pub request_timeout: Duration,
     /// Request body size (images come as base64 inside it).
     pub max_body_bytes: usize,
+    /// Images whose features are kept for reuse.
+    pub image_cache: usize,
 }
 
 impl Default for Limits {
@@ -92,6 +97,7 @@ impl Default for Limits {
             max_queue: 16,
             request_timeout: Duration::from_secs(600),
             max_body_bytes: 32 << 20,
+            image_cache: 16,
         }
     }
 }
@@ -257,6 +263,7 @@ impl Loading {
         let (worker, queue) = Worker::spawn(
             pipeline,
             self.app.limits.max_queue,
+            self.app.limits.image_cache,
             self.app.metrics.clone(),
         )
         .map_err(ServeError::Worker)?;
@@ -325,6 +332,7 @@ pub fn run(args: &ServeArgs, load: &LoadOptions) -> anyhow::Result<()> {
         limits: Limits {
             max_queue: args.max_queue,
             request_timeout: Duration::from_secs(args.request_timeout),
+            image_cache: args.image_cache,
             ..Limits::default()
         },
         api_key,

@@ -1,6 +1,11 @@
 //! The model worker: one thread owns the pipeline and answers queued requests one at a time,
 //! sending each request's text back over its own channel as it is generated.
 //!
+//! Between requests it keeps two caches: image features by the content of the preprocessed
+//! pixels (a repeated image is not encoded again), and the KV cache of the last request with
+//! the ids it holds, so a request that continues that conversation prefills only what follows
+//! their common prefix.
+//!
 //! A request stops early when its client goes away (its reply channel closes), when a stop
 //! string occurs, or when its deadline passes.
 
@@ -15,8 +20,8 @@ use super::convert::{JobInput, JobPrompt};
 use super::error::ApiError;
 use super::metrics::Metrics;
 use super::stop::{Filtered, StopText};
-use carrot_runtime::engine::ImageFeatures;
-use carrot_runtime::generate::{Event, Generation, Request};
+use carrot_runtime::engine::{ImageFeatures, KvCache};
+use carrot_runtime::generate::{Event, Generation, Model, Request, prompt_len};
 use carrot_runtime::pipeline::{Pipeline, Prompt, split_prompt};
 
 /// What the worker reports about one request, in this order: `Started`, any number of
@@ -79,6 +84,7 @@ impl Worker {
     pub fn spawn(
         pipeline: Pipeline,
         max_queue: usize,
+        image_cache: usize,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<(Worker, Queue)> {
         let (jobs, mut rx) = mpsc::channel::<Job>(max_queue.max(1));
@@ -87,12 +93,14 @@ impl Worker {
             .name("carrot-model".into())
             .spawn(move || {
                 let mut pipeline = pipeline;
+                let mut caches = Caches::new(image_cache);
                 while let Some(job) = rx.blocking_recv() {
                     m.waiting.dec();
                     m.running.inc();
                     let replies = job.replies.clone();
-                    let outcome =
-                        std::panic::catch_unwind(AssertUnwindSafe(|| run(&mut pipeline, &job, &m)));
+                    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                        run(&mut pipeline, &mut caches, &job, &m)
+                    }));
                     m.running.dec();
                     m.finished(matches!(outcome, Ok(Ok(()))));
                     let failure = match outcome {
@@ -133,7 +141,97 @@ fn timed_out(job: &Job) -> ApiError {
     )
 }
 
-fn run(pipeline: &mut Pipeline, job: &Job, metrics: &Metrics) -> Result<(), ApiError> {
+/// Content hash of one preprocessed image.
+type ImageKey = [u8; 32];
+
+fn image_key(pixels: &[f32]) -> ImageKey {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for v in pixels {
+        h.update(v.to_le_bytes());
+    }
+    h.finalize().into()
+}
+
+/// What the worker keeps from one request to the next.
+struct Caches {
+    /// Most recently used first; at most `image_capacity` entries.
+    images: Vec<(ImageKey, ImageFeatures)>,
+    image_capacity: usize,
+    last: Option<Resumable>,
+}
+
+/// The KV cache a finished request left, the ids (image sentinels included) whose positions it
+/// holds, and its images.
+struct Resumable {
+    cache: KvCache,
+    ids: Vec<i64>,
+    images: Vec<ImageKey>,
+}
+
+impl Caches {
+    fn new(image_capacity: usize) -> Self {
+        Self {
+            images: Vec::new(),
+            image_capacity,
+            last: None,
+        }
+    }
+
+    /// The features of each image: from the cache, or encoded (all misses in one batch).
+    fn features(
+        &mut self,
+        pipeline: &mut Pipeline,
+        keys: &[ImageKey],
+        pixels: &[Vec<f32>],
+        metrics: &Metrics,
+    ) -> Result<Vec<ImageFeatures>, ApiError> {
+        let mut missing: Vec<usize> = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            let cached = self.images.iter().any(|(k, _)| k == key);
+            if !cached && !missing.iter().any(|&j| keys[j] == *key) {
+                missing.push(i);
+            }
+        }
+        metrics.image_cache_hits.inc_by(
+            keys.iter()
+                .filter(|k| self.images.iter().any(|(c, _)| c == *k))
+                .count() as u64,
+        );
+        if !missing.is_empty() {
+            let batch: Vec<Vec<f32>> = missing.iter().map(|&i| pixels[i].clone()).collect();
+            let encoded = pipeline
+                .engine
+                .encode_images(&batch)
+                .map_err(carrot_runtime::pipeline::PipelineError::from)?;
+            metrics.images_encoded.inc_by(encoded.len() as u64);
+            for (&i, features) in missing.iter().zip(encoded) {
+                self.images.insert(0, (keys[i], features));
+            }
+        }
+        let mut features = Vec::with_capacity(keys.len());
+        for key in keys {
+            let at = self
+                .images
+                .iter()
+                .position(|(k, _)| k == key)
+                .ok_or_else(|| ApiError::internal("an encoded image left the cache"))?;
+            let entry = self.images.remove(at);
+            features.push(entry.1.clone());
+            self.images.insert(0, entry);
+        }
+        // Evict only now: every image of this request was needed above.
+        self.images.truncate(self.image_capacity);
+        Ok(features)
+    }
+}
+
+fn run(
+    pipeline: &mut Pipeline,
+    caches: &mut Caches,
+    job: &Job,
+    metrics: &Metrics,
+) -> Result<(), ApiError> {
     let arrived = job.deadline - job.timeout;
     let replies = &job.replies;
     if replies.is_closed() {
@@ -156,25 +254,43 @@ fn run(pipeline: &mut Pipeline, job: &Job, metrics: &Metrics) -> Result<(), ApiE
             .collect(),
     };
     let pixels = pipeline.pixel_values(&input.images)?;
-    let parts = split_prompt(
-        &prompt_ids,
-        pipeline.engine.manifest.prompt.image_token_index,
-    )?;
-    metrics.images_encoded.inc_by(pixels.len() as u64);
-    let features: Vec<ImageFeatures> = if pixels.is_empty() {
-        Vec::new()
-    } else {
-        pipeline
-            .engine
-            .encode_images(&pixels)
-            .map_err(carrot_runtime::pipeline::PipelineError::from)?
-    };
+    let sentinel = pipeline.engine.manifest.prompt.image_token_index;
+    let parts = split_prompt(&prompt_ids, sentinel)?;
+    let keys: Vec<ImageKey> = pixels.iter().map(|p| image_key(p)).collect();
+    let features = caches.features(pipeline, &keys, &pixels, metrics)?;
     let request = Request {
         prompt: parts,
         images: features,
         options: pipeline.options(&input.params),
     };
-    let mut generation = Generation::new(&mut pipeline.engine, &pipeline.tokenizer, &request)?;
+    // Continue from the last request's cache when this prompt starts with what it holds (same
+    // images): only the rest is prefilled.
+    let resume = match caches.last.take().filter(|last| last.images == keys) {
+        Some(last) => {
+            let common = last
+                .ids
+                .iter()
+                .zip(&prompt_ids)
+                .take_while(|(a, b)| a == b)
+                .count();
+            let cached = prompt_len(
+                &split_prompt(&prompt_ids[..common], sentinel)?,
+                pipeline.engine.num_image_tokens(),
+            );
+            (cached > 0).then_some((last.cache, cached))
+        }
+        None => None,
+    };
+    let mut generation = match resume {
+        Some((cache, cached)) => Generation::resume(
+            &mut pipeline.engine,
+            &pipeline.tokenizer,
+            &request,
+            cache,
+            cached,
+        )?,
+        None => Generation::new(&mut pipeline.engine, &pipeline.tokenizer, &request)?,
+    };
     metrics.prompt_tokens.inc_by(generation.prompt_len() as u64);
     let _ = replies.send(Reply::Started);
     let mut last_token: Option<Instant> = None;
@@ -224,6 +340,20 @@ fn run(pipeline: &mut Pipeline, job: &Job, metrics: &Metrics) -> Result<(), ApiE
         prompt_tokens: generation.prompt_len(),
         completion_tokens: generation.token_ids().len(),
     });
+    let (output, cache) = generation.into_parts();
+    metrics
+        .prompt_tokens_reused
+        .inc_by(output.reused_positions as u64);
+    // The cache holds the prompt and every generated token but the last.
+    if let Some((_, fed)) = output.token_ids.split_last() {
+        let mut ids = prompt_ids;
+        ids.extend(fed.iter().map(|&id| i64::from(id)));
+        caches.last = Some(Resumable {
+            cache,
+            ids,
+            images: keys,
+        });
+    }
     Ok(())
 }
 
