@@ -803,3 +803,97 @@ fn an_image_cache_of_zero_encodes_every_time() {
     assert_eq!(metric(&m, "carrot_images_encoded_total"), 2.0, "{m}");
     assert_eq!(metric(&m, "carrot_image_cache_hits_total"), 0.0);
 }
+
+#[test]
+fn logprobs_report_every_token_with_its_alternatives() {
+    let addr = server();
+    let body = json!({
+        "messages": [{"role": "user", "content": QUESTION}],
+        "max_tokens": 5, "temperature": 0, "logprobs": true, "top_logprobs": 3,
+    });
+    let r = http(addr, "POST", "/v1/chat/completions", Some(&body), &[]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    let entries = v["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .expect("logprobs.content")
+        .clone();
+    assert_eq!(
+        entries.len() as u64,
+        v["usage"]["completion_tokens"].as_u64().expect("usage")
+    );
+    for e in &entries {
+        let lp = e["logprob"].as_f64().expect("logprob");
+        assert!(lp <= 0.0, "{e}");
+        let top = e["top_logprobs"].as_array().expect("top_logprobs");
+        assert_eq!(top.len(), 3, "{e}");
+        // Greedy: the chosen token is the most likely one.
+        assert_eq!(top[0]["logprob"], e["logprob"], "{e}");
+        assert_eq!(top[0]["token"], e["token"], "{e}");
+        let bytes: Vec<u8> = e["bytes"]
+            .as_array()
+            .expect("bytes")
+            .iter()
+            .map(|b| b.as_u64().expect("byte") as u8)
+            .collect();
+        assert_eq!(bytes, e["token"].as_str().expect("token").as_bytes());
+        assert!(
+            top.windows(2)
+                .all(|w| w[0]["logprob"].as_f64() >= w[1]["logprob"].as_f64())
+        );
+    }
+    // Without the flag there is none.
+    let plain = json!({"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 2});
+    let v = http(addr, "POST", "/v1/chat/completions", Some(&plain), &[]).json();
+    assert!(v["choices"][0]["logprobs"].is_null(), "{v}");
+
+    // Streamed: the entries of all chunks add up to the tokens.
+    let streamed = json!({
+        "messages": [{"role": "user", "content": QUESTION}],
+        "max_tokens": 5, "temperature": 0, "logprobs": true, "stream": true,
+    });
+    let r = http(addr, "POST", "/v1/chat/completions", Some(&streamed), &[]);
+    let chunks: Vec<Value> = r
+        .body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).expect("chunk"))
+        .collect();
+    let streamed_entries: Vec<Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array())
+        .flatten()
+        .cloned()
+        .collect();
+    let tokens: Vec<&Value> = streamed_entries.iter().map(|e| &e["token"]).collect();
+    let whole: Vec<&Value> = entries.iter().map(|e| &e["token"]).collect();
+    assert_eq!(
+        tokens, whole,
+        "streamed and whole logprobs name the same tokens"
+    );
+    assert!(
+        streamed_entries
+            .iter()
+            .all(|e| e["top_logprobs"] == json!([]))
+    );
+}
+
+#[test]
+fn bad_logprobs_requests_are_400s() {
+    let addr = server();
+    for (body, code) in [
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}], "logprobs": true, "top_logprobs": 21}),
+            "invalid_top_logprobs",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}),
+            "invalid_top_logprobs",
+        ),
+    ] {
+        let r = http(addr, "POST", "/v1/chat/completions", Some(&body), &[]);
+        assert_eq!(r.status, 400, "{}", r.body);
+        assert_eq!(r.json()["error"]["code"], code);
+    }
+}

@@ -58,6 +58,8 @@ pub struct JobInput {
     pub images: Vec<ImageSource>,
     pub params: Params,
     pub stop: Vec<String>,
+    /// `Some(k)`: report each token's log-probability and its `k` best alternatives.
+    pub logprobs: Option<usize>,
 }
 
 /// A message with its content resolved into text and images.
@@ -106,6 +108,25 @@ pub fn job_input(request: ChatRequest, caps: &Capabilities) -> Result<JobInput, 
         }
         Some(n) => Some(usize::try_from(n).unwrap_or(usize::MAX)),
         None => None,
+    };
+    let logprobs = match (request.logprobs.unwrap_or(false), request.top_logprobs) {
+        (_, Some(k)) if k > carrot_runtime::generate::MAX_TOP_LOGPROBS as u64 => {
+            return Err(ApiError::invalid(
+                "invalid_top_logprobs",
+                format!(
+                    "`top_logprobs` = {k}: at most {} alternatives are reported",
+                    carrot_runtime::generate::MAX_TOP_LOGPROBS
+                ),
+            ));
+        }
+        (false, Some(_)) => {
+            return Err(ApiError::invalid(
+                "invalid_top_logprobs",
+                "`top_logprobs` needs `logprobs: true`",
+            ));
+        }
+        (true, k) => Some(k.unwrap_or(0) as usize),
+        (false, None) => None,
     };
     let stop = request.stop.map(|s| s.into_vec()).unwrap_or_default();
     if stop.len() > MAX_STOP_STRINGS {
@@ -160,6 +181,7 @@ pub fn job_input(request: ChatRequest, caps: &Capabilities) -> Result<JobInput, 
         images,
         params,
         stop,
+        logprobs,
     })
 }
 

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use super::App;
 use super::convert::job_input;
 use super::error::ApiError;
-use super::openai::{ChatRequest, Chunk, Completion, Header, Usage};
+use super::openai::{ChatRequest, Chunk, Completion, Header, Logprobs, Usage};
 use super::worker::{Job, Reply};
 
 pub async fn health(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
@@ -117,6 +117,7 @@ async fn chat(app: Arc<App>, body: Result<Bytes, BytesRejection>) -> Result<Resp
         )
     })?;
     let stream = request.stream.unwrap_or(false);
+    let logprobs = request.logprobs.unwrap_or(false);
     let include_usage = request
         .stream_options
         .as_ref()
@@ -148,29 +149,40 @@ async fn chat(app: Arc<App>, body: Result<Bytes, BytesRejection>) -> Result<Resp
     }
     let header = Header::new(&app.model);
     if stream {
-        Ok(streamed(header, rx, include_usage))
+        Ok(streamed(header, rx, include_usage, logprobs))
     } else {
-        whole(header, rx).await
+        whole(header, rx, logprobs).await
     }
 }
 
 async fn whole(
     header: Header,
     mut rx: mpsc::UnboundedReceiver<Reply>,
+    logprobs: bool,
 ) -> Result<Response, ApiError> {
     let mut content = String::new();
+    let mut entries = Vec::new();
     while let Some(reply) = rx.recv().await {
         match reply {
-            Reply::Text(text) => content.push_str(&text),
+            Reply::Text(text, lp) => {
+                content.push_str(&text);
+                entries.extend(lp);
+            }
             Reply::Done {
                 finish_reason,
                 prompt_tokens,
                 completion_tokens,
             } => {
                 let usage = Usage::new(prompt_tokens, completion_tokens);
-                return Ok(
-                    Json(Completion::new(&header, content, finish_reason, usage)).into_response(),
-                );
+                let logprobs = logprobs.then(|| Logprobs { content: entries });
+                return Ok(Json(Completion::new(
+                    &header,
+                    content,
+                    logprobs,
+                    finish_reason,
+                    usage,
+                ))
+                .into_response());
             }
             Reply::Failed(e) => return Err(e),
             Reply::Started => {}
@@ -184,7 +196,12 @@ async fn whole(
 /// Server-sent events: the role chunk, one chunk per piece of text, the finish chunk, the
 /// usage chunk when asked for, then `[DONE]`. A failure mid-stream is sent as an
 /// `{"error": …}` event and ends the stream.
-fn streamed(header: Header, rx: mpsc::UnboundedReceiver<Reply>, include_usage: bool) -> Response {
+fn streamed(
+    header: Header,
+    rx: mpsc::UnboundedReceiver<Reply>,
+    include_usage: bool,
+    logprobs: bool,
+) -> Response {
     struct State {
         rx: mpsc::UnboundedReceiver<Reply>,
         header: Header,
@@ -200,7 +217,7 @@ fn streamed(header: Header, rx: mpsc::UnboundedReceiver<Reply>, include_usage: b
         pending: first,
         ended: false,
     };
-    let events = futures_util::stream::unfold(state, |mut st| async move {
+    let events = futures_util::stream::unfold(state, move |mut st| async move {
         loop {
             if let Some(event) = st.pending.pop_front() {
                 return Some((Ok::<_, Infallible>(event), st));
@@ -209,9 +226,11 @@ fn streamed(header: Header, rx: mpsc::UnboundedReceiver<Reply>, include_usage: b
                 return None;
             }
             match st.rx.recv().await {
-                Some(Reply::Text(text)) => st
-                    .pending
-                    .push_back(json_event(&Chunk::content(&st.header, text))),
+                Some(Reply::Text(text, lp)) => {
+                    let lp = logprobs.then_some(Logprobs { content: lp });
+                    st.pending
+                        .push_back(json_event(&Chunk::content_with(&st.header, text, lp)));
+                }
                 Some(Reply::Done {
                     finish_reason,
                     prompt_tokens,

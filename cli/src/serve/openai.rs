@@ -35,6 +35,33 @@ pub struct ChatRequest {
     pub stream_options: Option<StreamOptions>,
     #[serde(default)]
     pub n: Option<u64>,
+    /// Report each generated token's log-probability.
+    #[serde(default)]
+    pub logprobs: Option<bool>,
+    /// With `logprobs`: the most likely alternatives per token, 0 to 20.
+    #[serde(default)]
+    pub top_logprobs: Option<u64>,
+}
+
+/// `choices[].logprobs`: one entry per generated token.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Logprobs {
+    pub content: Vec<LogprobEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LogprobEntry {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
 }
 
 /// One message; `content` is parsed later so that errors can name the part at fault.
@@ -120,7 +147,7 @@ pub struct Completion {
 pub struct Choice {
     pub index: u32,
     pub message: AssistantMessage,
-    pub logprobs: Option<()>,
+    pub logprobs: Option<Logprobs>,
     pub finish_reason: &'static str,
 }
 
@@ -134,6 +161,7 @@ impl Completion {
     pub fn new(
         header: &Header,
         content: String,
+        logprobs: Option<Logprobs>,
         finish_reason: &'static str,
         usage: Usage,
     ) -> Self {
@@ -148,7 +176,7 @@ impl Completion {
                     role: "assistant",
                     content,
                 },
-                logprobs: None,
+                logprobs,
                 finish_reason,
             }],
             usage,
@@ -172,7 +200,7 @@ pub struct Chunk {
 pub struct ChunkChoice {
     pub index: u32,
     pub delta: Delta,
-    pub logprobs: Option<()>,
+    pub logprobs: Option<Logprobs>,
     pub finish_reason: Option<&'static str>,
 }
 
@@ -207,6 +235,13 @@ impl Chunk {
             }],
             None,
         )
+    }
+
+    /// Text and, when asked for, the log-probabilities of the tokens that produced it.
+    pub fn content_with(header: &Header, text: String, logprobs: Option<Logprobs>) -> Self {
+        let mut chunk = Self::content(header, text);
+        chunk.choices[0].logprobs = logprobs;
+        chunk
     }
 
     /// The first chunk: the assistant role and empty content.

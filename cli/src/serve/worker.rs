@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use super::convert::{JobInput, JobPrompt};
 use super::error::ApiError;
 use super::metrics::Metrics;
+use super::openai::{LogprobEntry, TopLogprob};
 use super::stop::{Filtered, StopText};
 use carrot_runtime::engine::{ImageFeatures, KvCache};
 use carrot_runtime::generate::{Event, Generation, Model, Request, prompt_len};
@@ -30,7 +31,8 @@ use carrot_runtime::pipeline::{Pipeline, Prompt, split_prompt};
 pub enum Reply {
     /// The prompt and images were accepted; generation begins.
     Started,
-    Text(String),
+    /// More of the answer, with the log-probabilities of the tokens behind it (when asked for).
+    Text(String, Vec<LogprobEntry>),
     Done {
         finish_reason: &'static str,
         prompt_tokens: usize,
@@ -101,17 +103,19 @@ impl Worker {
                     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
                         run(&mut pipeline, &mut caches, &job, &m)
                     }));
+                    // Metrics are final before the last reply, so a client that reads them
+                    // after its answer sees its request counted.
                     m.running.dec();
-                    m.finished(matches!(outcome, Ok(Ok(()))));
-                    let failure = match outcome {
-                        Ok(Ok(())) => None,
-                        Ok(Err(e)) => Some(e),
-                        Err(_) => Some(ApiError::internal(
+                    m.finished(matches!(outcome, Ok(Ok(_))));
+                    let last = match outcome {
+                        Ok(Ok(done)) => done,
+                        Ok(Err(e)) => Some(Reply::Failed(e)),
+                        Err(_) => Some(Reply::Failed(ApiError::internal(
                             "the model worker panicked on this request",
-                        )),
+                        ))),
                     };
-                    if let Some(e) = failure {
-                        let _ = replies.send(Reply::Failed(e));
+                    if let Some(reply) = last {
+                        let _ = replies.send(reply);
                     }
                 }
             })?;
@@ -231,11 +235,11 @@ fn run(
     caches: &mut Caches,
     job: &Job,
     metrics: &Metrics,
-) -> Result<(), ApiError> {
+) -> Result<Option<Reply>, ApiError> {
     let arrived = job.deadline - job.timeout;
     let replies = &job.replies;
     if replies.is_closed() {
-        return Ok(());
+        return Ok(None);
     }
     if Instant::now() >= job.deadline {
         return Err(timed_out(job));
@@ -291,6 +295,9 @@ fn run(
         )?,
         None => Generation::new(&mut pipeline.engine, &pipeline.tokenizer, &request)?,
     };
+    if let Some(top) = input.logprobs {
+        generation = generation.with_logprobs(top);
+    }
     metrics.prompt_tokens.inc_by(generation.prompt_len() as u64);
     let _ = replies.send(Reply::Started);
     let mut last_token: Option<Instant> = None;
@@ -307,9 +314,11 @@ fn run(
     };
 
     let mut stop = StopText::new(input.stop.clone());
+    // Log-probabilities of tokens whose text the stop filter still holds back.
+    let mut pending: Vec<LogprobEntry> = Vec::new();
     let finish_reason = loop {
         if replies.is_closed() {
-            return Ok(());
+            return Ok(None);
         }
         if Instant::now() >= job.deadline {
             return Err(timed_out(job));
@@ -317,16 +326,19 @@ fn run(
         match generation.next_event()? {
             Some(Event::Token { text_delta, .. }) => {
                 token_seen(metrics);
+                if let Some(lp) = generation.last_logprob() {
+                    pending.push(logprob_entry(&pipeline.tokenizer, lp));
+                }
                 match stop.push(&text_delta) {
-                    Filtered::Text(text) => send_text(replies, text),
+                    Filtered::Text(text) => send_text(replies, text, &mut pending),
                     Filtered::Stopped(text) => {
-                        send_text(replies, text);
+                        send_text(replies, text, &mut pending);
                         break "stop";
                     }
                 }
             }
             Some(Event::Done { finish_reason, .. }) => {
-                send_text(replies, stop.finish());
+                send_text(replies, stop.finish(), &mut pending);
                 break finish_reason.as_str();
             }
             None => break generation.finish_reason().map_or("length", |r| r.as_str()),
@@ -335,11 +347,11 @@ fn run(
     metrics
         .request_duration
         .observe(arrived.elapsed().as_secs_f64());
-    let _ = replies.send(Reply::Done {
+    let done = Reply::Done {
         finish_reason,
         prompt_tokens: generation.prompt_len(),
         completion_tokens: generation.token_ids().len(),
-    });
+    };
     let (output, cache) = generation.into_parts();
     metrics
         .prompt_tokens_reused
@@ -354,12 +366,43 @@ fn run(
             images: keys,
         });
     }
-    Ok(())
+    Ok(Some(done))
 }
 
-fn send_text(replies: &mpsc::UnboundedSender<Reply>, text: String) {
-    if !text.is_empty() {
-        let _ = replies.send(Reply::Text(text));
+fn send_text(
+    replies: &mpsc::UnboundedSender<Reply>,
+    text: String,
+    logprobs: &mut Vec<LogprobEntry>,
+) {
+    if !text.is_empty() || !logprobs.is_empty() {
+        let _ = replies.send(Reply::Text(text, std::mem::take(logprobs)));
+    }
+}
+
+/// One token's entry of `choices[].logprobs.content`: its text as the tokenizer decodes it alone,
+/// those UTF-8 bytes, and its best alternatives.
+fn logprob_entry(
+    tokenizer: &carrot_runtime::prompt::PromptTokenizer,
+    lp: &carrot_runtime::generate::TokenLogprob,
+) -> LogprobEntry {
+    let text = |id: u32| tokenizer.decode(&[id]).unwrap_or_default();
+    let token = text(lp.id);
+    LogprobEntry {
+        bytes: token.as_bytes().to_vec(),
+        token,
+        logprob: lp.logprob,
+        top_logprobs: lp
+            .top
+            .iter()
+            .map(|&(id, logprob)| {
+                let token = text(id);
+                TopLogprob {
+                    bytes: token.as_bytes().to_vec(),
+                    token,
+                    logprob,
+                }
+            })
+            .collect(),
     }
 }
 
@@ -383,6 +426,7 @@ mod tests {
                 images: Vec::new(),
                 params: Default::default(),
                 stop: Vec::new(),
+                logprobs: None,
             },
             deadline: Instant::now(),
             timeout: Duration::ZERO,

@@ -45,6 +45,45 @@ pub struct Generation<'a, M: Model, D: Decode + ?Sized> {
     timings: Timings,
     /// Prompt positions already in the cache when the generation started.
     reused: usize,
+    /// With [`Generation::with_logprobs`]: how many alternatives to report, and the last token's.
+    logprobs: Option<(usize, Option<TokenLogprob>)>,
+}
+
+/// The log-probability of a generated token under the model's distribution (the raw logits,
+/// before repetition penalty, temperature or top-k/top-p), and the most likely alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub id: u32,
+    pub logprob: f32,
+    /// `(id, logprob)`, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// At most this many alternatives per token (OpenAI's limit for `top_logprobs`).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// `log_softmax(logits)[id]` for `id` and for the `top` largest logits.
+fn token_logprob(logits: &[f32], id: u32, top: usize) -> TokenLogprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&x| f64::from(x - max).exp()).sum();
+    let lse = max + sum.ln() as f32;
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
+    if top > 0 {
+        for (i, &x) in logits.iter().enumerate() {
+            if best.len() < top || x > best[best.len() - 1].1 {
+                let at = best.partition_point(|&(_, y)| y >= x);
+                best.insert(at, (i as u32, x));
+                best.truncate(top);
+            }
+        }
+    }
+    TokenLogprob {
+        id,
+        logprob: logits
+            .get(id as usize)
+            .map_or(f32::NEG_INFINITY, |&x| x - lse),
+        top: best.into_iter().map(|(i, x)| (i, x - lse)).collect(),
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -140,7 +179,21 @@ impl<'a, M: Model, D: Decode + ?Sized> Generation<'a, M, D> {
             finish_reason: None,
             timings: Timings::default(),
             reused,
+            logprobs: None,
         })
+    }
+
+    /// Report each generated token's log-probability and its `top` most likely alternatives
+    /// (at most [`MAX_TOP_LOGPROBS`]), read with [`Generation::last_logprob`] after each token.
+    pub fn with_logprobs(mut self, top: usize) -> Self {
+        self.logprobs = Some((top.min(MAX_TOP_LOGPROBS), None));
+        self
+    }
+
+    /// The last generated token's log-probabilities, when asked for with
+    /// [`Generation::with_logprobs`].
+    pub fn last_logprob(&self) -> Option<&TokenLogprob> {
+        self.logprobs.as_ref().and_then(|(_, last)| last.as_ref())
     }
 
     /// Positions of the prompt, images counted.
@@ -213,8 +266,12 @@ impl<'a, M: Model, D: Decode + ?Sized> Generation<'a, M, D> {
             State::Prefill => self.prefill()?,
             State::Decode { last } => self.decode(last)?,
         };
+        let raw = self.logprobs.as_ref().map(|_| logits.to_vec());
         let id = self.sampler.sample(&mut logits)?;
         self.sampler.observe(&[id]);
+        if let (Some((top, last)), Some(raw)) = (self.logprobs.as_mut(), raw) {
+            *last = Some(token_logprob(&raw, id, *top));
+        }
 
         let options = &self.request.options;
         let is_eos = !options.ignore_eos && options.eos_token_ids.contains(&id);
@@ -308,5 +365,31 @@ impl<M: Model, D: Decode + ?Sized> Iterator for Generation<'_, M, D> {
 
     fn next(&mut self) -> Option<Self::Item> {
         self.next_event().transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_logprobs_are_log_softmax_with_the_best_alternatives_first() {
+        let logits = [1.0f32, 2.0, 3.0, 0.0, 3.0];
+        let lse = logits.iter().map(|&x| f64::from(x).exp()).sum::<f64>().ln() as f32;
+        let t = token_logprob(&logits, 1, 3);
+        assert_eq!(t.id, 1);
+        assert!((t.logprob - (2.0 - lse)).abs() < 1e-6);
+        // Ties keep the lower id first.
+        let ids: Vec<u32> = t.top.iter().map(|&(i, _)| i).collect();
+        assert_eq!(ids, vec![2, 4, 1]);
+        assert!((t.top[0].1 - (3.0 - lse)).abs() < 1e-6);
+        let total: f64 = logits
+            .iter()
+            .enumerate()
+            .map(|(i, _)| f64::from(token_logprob(&logits, i as u32, 0).logprob).exp())
+            .sum();
+        assert!((total - 1.0).abs() < 1e-6, "{total}");
+        assert!(token_logprob(&logits, 0, 0).top.is_empty());
+        assert_eq!(token_logprob(&logits, 0, 9).top.len(), logits.len());
     }
 }

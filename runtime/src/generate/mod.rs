@@ -22,7 +22,7 @@ pub mod fake;
 use std::num::NonZeroUsize;
 use std::ops::Range;
 
-pub use generator::{Generation, generate};
+pub use generator::{Generation, MAX_TOP_LOGPROBS, TokenLogprob, generate};
 pub use sampling::{Sampler, SamplingOptions};
 pub use stream::{Decode, TextStream};
 
