@@ -174,7 +174,7 @@ async fn whole(
                 completion_tokens,
             } => {
                 let usage = Usage::new(prompt_tokens, completion_tokens);
-                let logprobs = logprobs.then(|| Logprobs { content: entries });
+                let logprobs = logprobs.then_some(Logprobs { content: entries });
                 return Ok(Json(Completion::new(
                     &header,
                     content,
