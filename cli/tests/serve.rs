@@ -401,8 +401,8 @@ fn bad_requests_are_refused_with_a_message() {
         "max_tokens",
     );
     assert_400(
-        json!({"messages": [{"role": "user", "content": "hi"}], "n": 2}),
-        "`n` = 2",
+        json!({"messages": [{"role": "user", "content": "hi"}], "n": 17}),
+        "`n` = 17",
     );
     assert_400(
         image_question("data:image/png;base64,not*base64", json!({})),
@@ -896,4 +896,90 @@ fn bad_logprobs_requests_are_400s() {
         assert_eq!(r.status, 400, "{}", r.body);
         assert_eq!(r.json()["error"]["code"], code);
     }
+}
+
+fn choices_text(v: &Value) -> Vec<String> {
+    v["choices"]
+        .as_array()
+        .expect("choices")
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            assert_eq!(c["index"], i, "{c}");
+            c["message"]["content"]
+                .as_str()
+                .expect("content")
+                .to_owned()
+        })
+        .collect()
+}
+
+/// `n` choices share the prompt's prefill (each after the first prefills one position); greedy
+/// choices are equal, seeded sampled ones reproducible, the first equal to `n = 1`'s.
+#[test]
+fn n_choices_share_the_prefill() {
+    let (addr, _stop) = start(model_dir(), Settings::for_model_dir(model_dir()));
+    let ask = |extra: Value| {
+        let mut body = json!({"messages": [image_message(QUESTION)], "max_tokens": 5});
+        for (k, v) in extra.as_object().expect("object") {
+            body[k] = v.clone();
+        }
+        let r = http(addr, "POST", "/v1/chat/completions", Some(&body), &[]);
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()
+    };
+    let one = ask(json!({"temperature": 0}));
+    let reused_before = metric(
+        &http(addr, "GET", "/metrics", None, &[]).body,
+        "carrot_prompt_tokens_reused_total",
+    );
+    let three = ask(json!({"temperature": 0, "n": 3}));
+    let texts = choices_text(&three);
+    assert_eq!(texts.len(), 3);
+    assert!(
+        texts.iter().all(|t| *t == choices_text(&one)[0]),
+        "{texts:?}"
+    );
+    assert_eq!(
+        three["usage"]["completion_tokens"],
+        3 * one["usage"]["completion_tokens"].as_u64().expect("tokens")
+    );
+    let prompt = one["usage"]["prompt_tokens"].as_f64().expect("prompt");
+    let reused = metric(
+        &http(addr, "GET", "/metrics", None, &[]).body,
+        "carrot_prompt_tokens_reused_total",
+    ) - reused_before;
+    assert_eq!(
+        reused,
+        3.0 * (prompt - 1.0),
+        "every choice prefilled one position"
+    );
+
+    let sampled = json!({"temperature": 1.0, "seed": 11, "n": 2});
+    let a = choices_text(&ask(sampled.clone()));
+    let b = choices_text(&ask(sampled));
+    assert_eq!(a, b, "seeded choices are reproducible");
+    let single = choices_text(&ask(json!({"temperature": 1.0, "seed": 11})));
+    assert_eq!(a[0], single[0]);
+
+    // Streamed: chunks carry each choice's index, each choice ends with its finish chunk.
+    let body = json!({"messages": [image_message(QUESTION)], "max_tokens": 5, "temperature": 0,
+                      "n": 2, "stream": true});
+    let r = http(addr, "POST", "/v1/chat/completions", Some(&body), &[]);
+    let mut streamed = vec![String::new(); 2];
+    let mut finishes = 0;
+    for data in r.body.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        if data == "[DONE]" {
+            continue;
+        }
+        let chunk: Value = serde_json::from_str(data).expect("chunk");
+        let c = &chunk["choices"][0];
+        let i = c["index"].as_u64().expect("index") as usize;
+        if let Some(t) = c["delta"]["content"].as_str() {
+            streamed[i].push_str(t);
+        }
+        finishes += usize::from(c["finish_reason"].is_string());
+    }
+    assert_eq!(finishes, 2);
+    assert_eq!(streamed, texts[..2].to_vec());
 }

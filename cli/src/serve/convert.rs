@@ -60,6 +60,8 @@ pub struct JobInput {
     pub stop: Vec<String>,
     /// `Some(k)`: report each token's log-probability and its `k` best alternatives.
     pub logprobs: Option<usize>,
+    /// Choices to generate (they share the prompt's prefill).
+    pub n: usize,
 }
 
 /// A message with its content resolved into text and images.
@@ -86,6 +88,9 @@ impl Role {
     }
 }
 
+/// Most choices one request may ask for (`n`).
+pub const MAX_CHOICES: u64 = 16;
+
 pub fn job_input(request: ChatRequest, caps: &Capabilities) -> Result<JobInput, ApiError> {
     if request.messages.is_empty() {
         return Err(ApiError::invalid(
@@ -93,12 +98,16 @@ pub fn job_input(request: ChatRequest, caps: &Capabilities) -> Result<JobInput, 
             "`messages` must hold at least one message",
         ));
     }
-    if let Some(n) = request.n.filter(|&n| n != 1) {
-        return Err(ApiError::invalid(
-            "invalid_n",
-            format!("`n` = {n} is not supported; only one choice (n = 1) is generated"),
-        ));
-    }
+    let n = match request.n {
+        None => 1,
+        Some(n) if (1..=MAX_CHOICES).contains(&n) => n as usize,
+        Some(n) => {
+            return Err(ApiError::invalid(
+                "invalid_n",
+                format!("`n` = {n}: from 1 to {MAX_CHOICES} choices are generated"),
+            ));
+        }
+    };
     let max_new_tokens = match request.max_completion_tokens.or(request.max_tokens) {
         Some(0) => {
             return Err(ApiError::invalid(
@@ -182,6 +191,7 @@ pub fn job_input(request: ChatRequest, caps: &Capabilities) -> Result<JobInput, 
         params,
         stop,
         logprobs,
+        n,
     })
 }
 

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use super::App;
 use super::convert::job_input;
 use super::error::ApiError;
-use super::openai::{ChatRequest, Chunk, Completion, Header, Logprobs, Usage};
+use super::openai::{ChatRequest, Choice, Chunk, Completion, Header, Logprobs, Usage};
 use super::worker::{Job, Reply};
 
 pub async fn health(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
@@ -118,6 +118,7 @@ async fn chat(app: Arc<App>, body: Result<Bytes, BytesRejection>) -> Result<Resp
     })?;
     let stream = request.stream.unwrap_or(false);
     let logprobs = request.logprobs.unwrap_or(false);
+    let choices = request.n.unwrap_or(1) as usize;
     let include_usage = request
         .stream_options
         .as_ref()
@@ -149,43 +150,46 @@ async fn chat(app: Arc<App>, body: Result<Bytes, BytesRejection>) -> Result<Resp
     }
     let header = Header::new(&app.model);
     if stream {
-        Ok(streamed(header, rx, include_usage, logprobs))
+        Ok(streamed(header, rx, choices, include_usage, logprobs))
     } else {
-        whole(header, rx, logprobs).await
+        whole(header, rx, choices, logprobs).await
     }
 }
 
 async fn whole(
     header: Header,
     mut rx: mpsc::UnboundedReceiver<Reply>,
+    choices: usize,
     logprobs: bool,
 ) -> Result<Response, ApiError> {
-    let mut content = String::new();
-    let mut entries = Vec::new();
+    let mut content = vec![String::new(); choices];
+    let mut entries = vec![Vec::new(); choices];
+    let mut finished = Vec::with_capacity(choices);
     while let Some(reply) = rx.recv().await {
         match reply {
-            Reply::Text(text, lp) => {
-                content.push_str(&text);
-                entries.extend(lp);
+            Reply::Text(index, text, lp) if index < choices => {
+                content[index].push_str(&text);
+                entries[index].extend(lp);
+            }
+            Reply::ChoiceDone {
+                index,
+                finish_reason,
+            } if index < choices => {
+                let lp = logprobs.then(|| Logprobs {
+                    content: std::mem::take(&mut entries[index]),
+                });
+                let text = std::mem::take(&mut content[index]);
+                finished.push(Choice::new(index as u32, text, lp, finish_reason));
             }
             Reply::Done {
-                finish_reason,
                 prompt_tokens,
                 completion_tokens,
             } => {
                 let usage = Usage::new(prompt_tokens, completion_tokens);
-                let logprobs = logprobs.then_some(Logprobs { content: entries });
-                return Ok(Json(Completion::new(
-                    &header,
-                    content,
-                    logprobs,
-                    finish_reason,
-                    usage,
-                ))
-                .into_response());
+                return Ok(Json(Completion::new(&header, finished, usage)).into_response());
             }
             Reply::Failed(e) => return Err(e),
-            Reply::Started => {}
+            Reply::Started | Reply::Text(..) | Reply::ChoiceDone { .. } => {}
         }
     }
     Err(ApiError::internal(
@@ -199,6 +203,7 @@ async fn whole(
 fn streamed(
     header: Header,
     rx: mpsc::UnboundedReceiver<Reply>,
+    choices: usize,
     include_usage: bool,
     logprobs: bool,
 ) -> Response {
@@ -209,7 +214,9 @@ fn streamed(
         pending: std::collections::VecDeque<SseEvent>,
         ended: bool,
     }
-    let first = std::collections::VecDeque::from([json_event(&Chunk::role(&header))]);
+    let first: std::collections::VecDeque<SseEvent> = (0..choices)
+        .map(|i| json_event(&Chunk::role(&header).at(i as u32)))
+        .collect();
     let state = State {
         rx,
         header,
@@ -226,18 +233,22 @@ fn streamed(
                 return None;
             }
             match st.rx.recv().await {
-                Some(Reply::Text(text, lp)) => {
+                Some(Reply::Text(index, text, lp)) => {
                     let lp = logprobs.then_some(Logprobs { content: lp });
-                    st.pending
-                        .push_back(json_event(&Chunk::content_with(&st.header, text, lp)));
+                    let chunk = Chunk::content_with(&st.header, text, lp).at(index as u32);
+                    st.pending.push_back(json_event(&chunk));
+                }
+                Some(Reply::ChoiceDone {
+                    index,
+                    finish_reason,
+                }) => {
+                    let chunk = Chunk::finish(&st.header, finish_reason).at(index as u32);
+                    st.pending.push_back(json_event(&chunk));
                 }
                 Some(Reply::Done {
-                    finish_reason,
                     prompt_tokens,
                     completion_tokens,
                 }) => {
-                    st.pending
-                        .push_back(json_event(&Chunk::finish(&st.header, finish_reason)));
                     if st.include_usage {
                         let usage = Usage::new(prompt_tokens, completion_tokens);
                         st.pending

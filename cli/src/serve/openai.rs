@@ -157,28 +157,33 @@ pub struct AssistantMessage {
     pub content: String,
 }
 
-impl Completion {
+impl Choice {
     pub fn new(
-        header: &Header,
+        index: u32,
         content: String,
         logprobs: Option<Logprobs>,
         finish_reason: &'static str,
-        usage: Usage,
     ) -> Self {
+        Self {
+            index,
+            message: AssistantMessage {
+                role: "assistant",
+                content,
+            },
+            logprobs,
+            finish_reason,
+        }
+    }
+}
+
+impl Completion {
+    pub fn new(header: &Header, choices: Vec<Choice>, usage: Usage) -> Self {
         Self {
             id: header.id.clone(),
             object: "chat.completion",
             created: header.created,
             model: header.model.clone(),
-            choices: vec![Choice {
-                index: 0,
-                message: AssistantMessage {
-                    role: "assistant",
-                    content,
-                },
-                logprobs,
-                finish_reason,
-            }],
+            choices,
             usage,
         }
     }
@@ -235,6 +240,14 @@ impl Chunk {
             }],
             None,
         )
+    }
+
+    /// The same chunk for choice `index`.
+    pub fn at(mut self, index: u32) -> Self {
+        for c in &mut self.choices {
+            c.index = index;
+        }
+        self
     }
 
     /// Text and, when asked for, the log-probabilities of the tokens that produced it.

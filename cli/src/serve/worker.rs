@@ -25,16 +25,22 @@ use carrot_runtime::engine::{ImageFeatures, KvCache};
 use carrot_runtime::generate::{Event, Generation, Model, Request, prompt_len};
 use carrot_runtime::pipeline::{Pipeline, Prompt, split_prompt};
 
-/// What the worker reports about one request, in this order: `Started`, any number of
-/// `Text`, then `Done`; or `Failed` at any point, after which nothing follows.
+/// What the worker reports about one request, in this order: `Started`; for each choice in
+/// turn any number of `Text` and its `ChoiceDone`; then `Done`. `Failed` may come at any point,
+/// and nothing follows it.
 #[derive(Debug)]
 pub enum Reply {
     /// The prompt and images were accepted; generation begins.
     Started,
-    /// More of the answer, with the log-probabilities of the tokens behind it (when asked for).
-    Text(String, Vec<LogprobEntry>),
-    Done {
+    /// More of choice `.0`'s answer, with the log-probabilities of the tokens behind it (when
+    /// asked for).
+    Text(usize, String, Vec<LogprobEntry>),
+    ChoiceDone {
+        index: usize,
         finish_reason: &'static str,
+    },
+    /// Every choice is done; the prompt's positions and the tokens of all choices.
+    Done {
         prompt_tokens: usize,
         completion_tokens: usize,
     },
@@ -259,22 +265,85 @@ fn run(
     };
     let pixels = pipeline.pixel_values(&input.images)?;
     let sentinel = pipeline.engine.manifest.prompt.image_token_index;
-    let parts = split_prompt(&prompt_ids, sentinel)?;
     let keys: Vec<ImageKey> = pixels.iter().map(|p| image_key(p)).collect();
-    let features = caches.features(pipeline, &keys, &pixels, metrics)?;
-    let request = Request {
-        prompt: parts,
-        images: features,
+    let mut request = Request {
+        prompt: split_prompt(&prompt_ids, sentinel)?,
+        images: caches.features(pipeline, &keys, &pixels, metrics)?,
         options: pipeline.options(&input.params),
     };
+    let mut prompt_tokens = 0;
+    let mut completion_tokens = 0;
+    let mut first_token: Option<Instant> = None;
+    for index in 0..input.n {
+        if index > 0 {
+            // Each further choice samples on its own; it resumes from the cache the one before
+            // left, so only the prompt's last position is prefilled again.
+            request.options.sampling.seed = match input.params.seed {
+                Some(seed) => seed.wrapping_add(index as u64),
+                None => pipeline.options(&input.params).sampling.seed,
+            };
+        }
+        let choice = Choice {
+            index,
+            prompt_ids: &prompt_ids,
+            keys: &keys,
+            arrived,
+        };
+        let Some((positions, tokens)) = generate_choice(
+            pipeline,
+            caches,
+            job,
+            &request,
+            choice,
+            metrics,
+            &mut first_token,
+        )?
+        else {
+            return Ok(None);
+        };
+        prompt_tokens = positions;
+        completion_tokens += tokens;
+    }
+    metrics
+        .request_duration
+        .observe(arrived.elapsed().as_secs_f64());
+    Ok(Some(Reply::Done {
+        prompt_tokens,
+        completion_tokens,
+    }))
+}
+
+/// Which choice of a request [`generate_choice`] produces.
+#[derive(Clone, Copy)]
+struct Choice<'a> {
+    index: usize,
+    prompt_ids: &'a [i64],
+    keys: &'a [ImageKey],
+    arrived: Instant,
+}
+
+/// Generates one choice, streaming its text; returns the prompt's positions and the tokens
+/// generated, or `None` when the client went away.
+fn generate_choice(
+    pipeline: &mut Pipeline,
+    caches: &mut Caches,
+    job: &Job,
+    request: &Request<ImageFeatures>,
+    choice: Choice<'_>,
+    metrics: &Metrics,
+    first_token: &mut Option<Instant>,
+) -> Result<Option<(usize, usize)>, ApiError> {
+    let (replies, input) = (&job.replies, &job.input);
+    let prompt_ids = choice.prompt_ids;
+    let sentinel = pipeline.engine.manifest.prompt.image_token_index;
     // Continue from the last request's cache when this prompt starts with what it holds (same
     // images): only the rest is prefilled.
-    let resume = match caches.last.take().filter(|last| last.images == keys) {
+    let resume = match caches.last.take().filter(|last| last.images == choice.keys) {
         Some(last) => {
             let common = last
                 .ids
                 .iter()
-                .zip(&prompt_ids)
+                .zip(prompt_ids)
                 .take_while(|(a, b)| a == b)
                 .count();
             let cached = prompt_len(
@@ -289,30 +358,37 @@ fn run(
         Some((cache, cached)) => Generation::resume(
             &mut pipeline.engine,
             &pipeline.tokenizer,
-            &request,
+            request,
             cache,
             cached,
         )?,
-        None => Generation::new(&mut pipeline.engine, &pipeline.tokenizer, &request)?,
+        None => Generation::new(&mut pipeline.engine, &pipeline.tokenizer, request)?,
     };
     if let Some(top) = input.logprobs {
         generation = generation.with_logprobs(top);
     }
     metrics.prompt_tokens.inc_by(generation.prompt_len() as u64);
-    let _ = replies.send(Reply::Started);
+    if choice.index == 0 {
+        let _ = replies.send(Reply::Started);
+    }
     let mut last_token: Option<Instant> = None;
     let mut token_seen = |metrics: &Metrics| {
         let now = Instant::now();
-        match last_token {
-            None => metrics
-                .time_to_first_token
-                .observe((now - arrived).as_secs_f64()),
-            Some(t) => metrics.inter_token_latency.observe((now - t).as_secs_f64()),
+        match (last_token, *first_token) {
+            (None, None) => {
+                metrics
+                    .time_to_first_token
+                    .observe((now - choice.arrived).as_secs_f64());
+                *first_token = Some(now);
+            }
+            (Some(t), _) => metrics.inter_token_latency.observe((now - t).as_secs_f64()),
+            (None, Some(_)) => {}
         }
         metrics.generated_tokens.inc();
         last_token = Some(now);
     };
 
+    let index = choice.index;
     let mut stop = StopText::new(input.stop.clone());
     // Log-probabilities of tokens whose text the stop filter still holds back.
     let mut pending: Vec<LogprobEntry> = Vec::new();
@@ -330,52 +406,49 @@ fn run(
                     pending.push(logprob_entry(&pipeline.tokenizer, lp));
                 }
                 match stop.push(&text_delta) {
-                    Filtered::Text(text) => send_text(replies, text, &mut pending),
+                    Filtered::Text(text) => send_text(replies, index, text, &mut pending),
                     Filtered::Stopped(text) => {
-                        send_text(replies, text, &mut pending);
+                        send_text(replies, index, text, &mut pending);
                         break "stop";
                     }
                 }
             }
             Some(Event::Done { finish_reason, .. }) => {
-                send_text(replies, stop.finish(), &mut pending);
+                send_text(replies, index, stop.finish(), &mut pending);
                 break finish_reason.as_str();
             }
             None => break generation.finish_reason().map_or("length", |r| r.as_str()),
         }
     };
-    metrics
-        .request_duration
-        .observe(arrived.elapsed().as_secs_f64());
-    let done = Reply::Done {
+    let _ = replies.send(Reply::ChoiceDone {
+        index,
         finish_reason,
-        prompt_tokens: generation.prompt_len(),
-        completion_tokens: generation.token_ids().len(),
-    };
+    });
     let (output, cache) = generation.into_parts();
     metrics
         .prompt_tokens_reused
         .inc_by(output.reused_positions as u64);
     // The cache holds the prompt and every generated token but the last.
     if let Some((_, fed)) = output.token_ids.split_last() {
-        let mut ids = prompt_ids;
+        let mut ids = prompt_ids.to_vec();
         ids.extend(fed.iter().map(|&id| i64::from(id)));
         caches.last = Some(Resumable {
             cache,
             ids,
-            images: keys,
+            images: choice.keys.to_vec(),
         });
     }
-    Ok(Some(done))
+    Ok(Some((output.prompt_tokens, output.token_ids.len())))
 }
 
 fn send_text(
     replies: &mpsc::UnboundedSender<Reply>,
+    index: usize,
     text: String,
     logprobs: &mut Vec<LogprobEntry>,
 ) {
     if !text.is_empty() || !logprobs.is_empty() {
-        let _ = replies.send(Reply::Text(text, std::mem::take(logprobs)));
+        let _ = replies.send(Reply::Text(index, text, std::mem::take(logprobs)));
     }
 }
 
@@ -427,6 +500,7 @@ mod tests {
                 params: Default::default(),
                 stop: Vec::new(),
                 logprobs: None,
+                n: 1,
             },
             deadline: Instant::now(),
             timeout: Duration::ZERO,
