@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # carrot-export on a Carrot-8B-shaped synthetic checkpoint against the disk's own time for the same
 # bytes, measured in the same run.
-#   scripts/bench-export.sh [--layers N] [--runs N] [CASE...]
-# CASE: fp16 (portable fp16), int4 (ort int4), lora (fp16 with a rank-128 Bunny LoRA merged);
-# default: all three. Checkpoints are generated once under target/synth/ (17 GB, 46 s; the LoRA
+#   scripts/bench-export.sh [--layers N] [--runs N] [--peer-python PY] [CASE...]
+# CASE: fp16 (portable fp16), int4 (ort int4), lora (fp16 with a rank-128 Bunny LoRA merged),
+# peer (carrot-export against onnxruntime-genai's builder, fp16 and int4 at block size 32, on a
+# Llama-1B-shaped checkpoint: the largest the builder exports in this machine's memory; needs
+# --peer-python, an interpreter with bench/peers/requirements.txt); default: fp16 int4 lora. Checkpoints are generated once under target/synth/ (17 GB, 46 s; the LoRA
 # one 19 GB); each export is written to target/bench-export/out and removed after measuring.
 # Before every export and every disk measurement the input's pages are dropped from the page cache,
 # so the export reads from the disk as a first export does.
@@ -12,12 +14,14 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 LAYERS=""
 RUNS=1
+PEER_PYTHON=""
 CASES=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --layers) LAYERS="$2"; shift 2 ;;
     --runs) RUNS="$2"; shift 2 ;;
-    fp16 | int4 | lora) CASES+=("$1"); shift ;;
+    --peer-python) PEER_PYTHON="$2"; shift 2 ;;
+    fp16 | int4 | lora | peer) CASES+=("$1"); shift ;;
     *) echo "bench-export.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -25,7 +29,7 @@ done
 SUFFIX="${LAYERS:+-l$LAYERS}"
 WORK="target/bench-export"
 mkdir -p "$WORK"
-cargo build --release --locked -q -p carrot-export --bin carrot-export --example synth_carrot
+cargo build --release --locked -q -p carrot-export --bin carrot-export --example synth_carrot --example synth_checkpoint
 BIN=target/release
 
 synth() { # DIR [--lora]
@@ -54,6 +58,44 @@ disk_write_s() { # BYTES
   drop_cache "$WORK/disk-write"; rm -f "$WORK/disk-write"
   echo "$t"
 }
+
+# Both exporters on a Llama-1B-shaped checkpoint (16 layers, hidden 2048, vocab 128256, fp16).
+peer() {
+  [[ -n "$PEER_PYTHON" ]] || { echo "bench-export.sh: the peer case needs --peer-python" >&2; exit 2; }
+  local model="target/synth/llama-1b"
+  if [[ ! -f "$model/model.safetensors" ]]; then
+    "$BIN/examples/synth_checkpoint" "$model" 16 2048 128256 >&2
+    cp .cache/llama3-tokenizer/tokenizer.json .cache/llama3-tokenizer/tokenizer_config.json "$model/"
+  fi
+  mapfile -t files < <(inputs "$model")
+  printf "\n| Llama-1B shape | exporter | wall s | peak RSS GB | written GB |\n|---|---|---:|---:|---:|\n"
+  for dtype in fp16 int4; do
+    for who in carrot ogenai; do
+      rm -rf "$WORK/out" "$WORK/ogenai-cache"
+      drop_cache "${files[@]}"
+      if [[ $who == carrot ]]; then
+        cmd=("$BIN/carrot-export" --model "$model" --out "$WORK/out" --dtype "$dtype" -q)
+        [[ $dtype == int4 ]] && cmd+=(--flavor ort --block-size 32)
+      else
+        cmd=("$PEER_PYTHON" -m onnxruntime_genai.models.builder -i "$model" -o "$WORK/out" -p "$dtype" -e cpu -c "$WORK/ogenai-cache")
+        [[ $dtype == int4 ]] && cmd+=(--extra_options block_size=32)
+      fi
+      report="$( { /usr/bin/time -v "${cmd[@]}" >/dev/null; } 2>&1 )" || { echo "$report" | tail -5 >&2; continue; }
+      wall="$(grep 'Elapsed (wall clock)' <<<"$report" | awk '{print $NF}' | awk -F: '{ if (NF == 3) print $1 * 3600 + $2 * 60 + $3; else print $1 * 60 + $2 }')"
+      rss_kb="$(grep 'Maximum resident set size' <<<"$report" | awk '{print $NF}')"
+      out_bytes="$(find "$WORK/out" -type f -print0 | xargs -0 stat -c %s | awk '{s += $1} END {printf "%.0f\n", s}')"
+      printf "| %s | %s | %.1f | %.2f | %.2f |\n" "$dtype" "$([[ $who == carrot ]] && echo carrot-export || echo 'onnxruntime-genai builder')" \
+        "$wall" "$(echo "$rss_kb / 1000000" | bc -l)" "$(echo "$out_bytes / 1000000000" | bc -l)"
+      rm -rf "$WORK/out" "$WORK/ogenai-cache"
+    done
+  done
+}
+
+if [[ " ${CASES[*]} " == *" peer "* ]]; then
+  peer
+  mapfile -t CASES < <(printf '%s\n' "${CASES[@]}" | grep -v '^peer$' || true)
+  [[ ${#CASES[@]} -gt 0 ]] || exit 0
+fi
 
 printf "| case | read GB | written GB | export s | disk s (read + write) | ratio | peak RSS GB |\n"
 printf "|---|---:|---:|---:|---:|---:|---:|\n"
