@@ -983,3 +983,113 @@ fn n_choices_share_the_prefill() {
     assert_eq!(finishes, 2);
     assert_eq!(streamed, texts[..2].to_vec());
 }
+
+/// `carrot serve` as a process: its address (from the log line on stderr) and the child.
+fn serve_process(extra: &[&str]) -> (SocketAddr, std::process::Child) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_carrot"))
+        .args(["serve", "--model"])
+        .arg(model_dir())
+        .args(["--port", "0"])
+        .args(extra)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start carrot serve");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(rest) = line.split("http://").nth(1) {
+                let addr = rest
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned();
+                let _ = tx.send(addr);
+            }
+        }
+    });
+    let addr: SocketAddr = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("serving line")
+        .parse()
+        .expect("address");
+    (addr, child)
+}
+
+/// Sends a long streaming request and returns the stream once its first event arrived.
+fn open_stream(addr: SocketAddr) -> TcpStream {
+    let body = json!({"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 1800,
+                      "stream": true, "temperature": 0})
+    .to_string();
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).expect("send");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("data: ") {
+        let n = stream.read(&mut buf).expect("read");
+        assert!(n > 0, "stream closed before its first event");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    stream
+}
+
+fn terminate(child: &std::process::Child) {
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+fn wait_exit(child: &mut std::process::Child, within: Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "carrot serve did not exit in {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sigterm_lets_the_stream_in_flight_finish_then_exits() {
+    let (addr, mut child) = serve_process(&[]);
+    let mut stream = open_stream(addr);
+    terminate(&child);
+    let mut rest = String::new();
+    stream.read_to_string(&mut rest).expect("read the rest");
+    assert!(rest.contains("data: [DONE]"), "the stream was cut:\n{rest}");
+    let status = wait_exit(&mut child, Duration::from_secs(30));
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn the_drain_deadline_bounds_the_wait_for_requests_in_flight() {
+    let (addr, mut child) = serve_process(&["--drain-timeout", "0"]);
+    let mut stream = open_stream(addr);
+    terminate(&child);
+    let status = wait_exit(&mut child, Duration::from_secs(10));
+    assert!(status.success(), "{status}");
+    let mut rest = String::new();
+    let _ = stream.read_to_string(&mut rest);
+    assert!(
+        !rest.contains("data: [DONE]"),
+        "a 1800-token stream finished within the deadline"
+    );
+}

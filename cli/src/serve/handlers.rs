@@ -133,7 +133,9 @@ async fn chat(app: Arc<App>, body: Result<Bytes, BytesRejection>) -> Result<Resp
 
     let (replies, mut rx) = mpsc::unbounded_channel();
     let timeout = app.limits.request_timeout;
+    let header = Header::new(&app.model);
     loaded.queue.submit(Job {
+        id: header.id.clone(),
         input,
         deadline: Instant::now() + timeout,
         timeout,
@@ -148,7 +150,6 @@ async fn chat(app: Arc<App>, body: Result<Bytes, BytesRejection>) -> Result<Resp
             ));
         }
     }
-    let header = Header::new(&app.model);
     if stream {
         Ok(streamed(header, rx, choices, include_usage, logprobs))
     } else {

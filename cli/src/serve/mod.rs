@@ -76,7 +76,13 @@ pub struct ServeArgs {
     /// Images whose vision features are kept, by content, for requests that repeat them.
     #[arg(long, value_name = "N", default_value_t = Limits::default().image_cache)]
     pub image_cache: usize,
+    /// After SIGTERM or Ctrl-C: seconds to finish the requests in flight before closing them.
+    #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_DRAIN_SECONDS)]
+    pub drain_timeout: f64,
 }
+
+/// Default `--drain-timeout`: Kubernetes' default termination grace period is 30 s.
+pub const DEFAULT_DRAIN_SECONDS: f64 = 25.0;
 
 /// Bounds on what clients can make the server do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -339,9 +345,20 @@ pub fn run(args: &ServeArgs, load: &LoadOptions) -> anyhow::Result<()> {
     };
     let model = settings.model.clone();
     let (router, loading) = router_loading(settings);
-    let server = runtime.spawn(serve(listener, router, async {
+    let drain = Duration::try_from_secs_f64(args.drain_timeout).map_err(|_| {
+        anyhow::anyhow!(
+            "--drain-timeout {}: expected a number of seconds",
+            args.drain_timeout
+        )
+    })?;
+    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = runtime.spawn(serve(listener, router, async move {
         shutdown_signal().await;
-        tracing::info!("stopping; finishing requests in flight");
+        tracing::info!(
+            "stopping: no new connections; finishing the requests in flight (at most {:.0} s)",
+            drain.as_secs_f64()
+        );
+        let _ = stopping_tx.send(());
     }));
     tracing::info!(
         "loading {} (GET /ready answers 503 until done)",
@@ -353,9 +370,24 @@ pub fn run(args: &ServeArgs, load: &LoadOptions) -> anyhow::Result<()> {
     tracing::info!(
         "serving {model} on http://{addr} (POST /v1/chat/completions, GET /health, /ready, /metrics); Ctrl-C stops"
     );
-    runtime
-        .block_on(server)
-        .context("the HTTP server task failed")??;
+    runtime.block_on(async {
+        let deadline = async {
+            match stopping_rx.await {
+                Ok(()) => tokio::time::sleep(drain).await,
+                Err(_) => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            served = server => served.context("the HTTP server task failed")?.map_err(anyhow::Error::from),
+            () = deadline => {
+                tracing::warn!("drain deadline passed; closing the requests still running");
+                Ok(())
+            }
+        }
+    })?;
+    // Dropping the runtime drops the router and its queue: the worker stops at its next token
+    // if a request is still running, then ends.
+    runtime.shutdown_timeout(Duration::from_secs(1));
     worker.join();
     Ok(())
 }

@@ -48,6 +48,8 @@ pub enum Reply {
 }
 
 pub struct Job {
+    /// The response id (`chatcmpl-…`), also in the request log.
+    pub id: String,
     pub input: JobInput,
     pub deadline: Instant,
     pub timeout: Duration,
@@ -106,9 +108,11 @@ impl Worker {
                     m.waiting.dec();
                     m.running.inc();
                     let replies = job.replies.clone();
+                    let started = Instant::now();
                     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
                         run(&mut pipeline, &mut caches, &job, &m)
                     }));
+                    log_request(&job, started, &outcome);
                     // Metrics are final before the last reply, so a client that reads them
                     // after its answer sees its request counted.
                     m.running.dec();
@@ -138,6 +142,50 @@ impl Worker {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+/// One structured line per request (`tracing` target `carrot::request`): id, outcome, tokens,
+/// time in the queue and in the model.
+fn log_request(
+    job: &Job,
+    started: Instant,
+    outcome: &std::thread::Result<Result<Option<Reply>, ApiError>>,
+) {
+    let queued_ms = (started - (job.deadline - job.timeout)).as_secs_f64() * 1e3;
+    let run_ms = started.elapsed().as_secs_f64() * 1e3;
+    match outcome {
+        Ok(Ok(Some(Reply::Done {
+            prompt_tokens,
+            completion_tokens,
+        }))) => tracing::info!(
+            target: "carrot::request",
+            id = %job.id,
+            outcome = "ok",
+            prompt_tokens,
+            completion_tokens,
+            images = job.input.images.len(),
+            choices = job.input.n,
+            queued_ms = format_args!("{queued_ms:.1}"),
+            run_ms = format_args!("{run_ms:.1}"),
+        ),
+        Ok(Ok(_)) => tracing::info!(
+            target: "carrot::request",
+            id = %job.id,
+            outcome = "client_gone",
+            queued_ms = format_args!("{queued_ms:.1}"),
+            run_ms = format_args!("{run_ms:.1}"),
+        ),
+        Ok(Err(e)) => tracing::warn!(
+            target: "carrot::request",
+            id = %job.id,
+            outcome = "error",
+            status = e.status.as_u16(),
+            error = %e.message,
+            queued_ms = format_args!("{queued_ms:.1}"),
+            run_ms = format_args!("{run_ms:.1}"),
+        ),
+        Err(_) => tracing::error!(target: "carrot::request", id = %job.id, outcome = "panic"),
     }
 }
 
@@ -494,6 +542,7 @@ mod tests {
             metrics: metrics.clone(),
         };
         let job = || Job {
+            id: "chatcmpl-test".into(),
             input: JobInput {
                 prompt: JobPrompt::Turns(Vec::new()),
                 images: Vec::new(),
