@@ -2,4 +2,5 @@
 //! on `carrot-runtime`.
 
 pub mod demo;
+pub mod deploy;
 pub mod serve;

@@ -33,6 +33,8 @@ enum Command {
     Perplexity(PerplexityArgs),
     /// Export the shipped fixture model, answer a question about a photo, check against the reference.
     Demo(RuntimeArgs),
+    /// Write container files and KServe / Kubernetes resources for serving an export.
+    Deploy(carrot::deploy::DeployArgs),
     /// Serve the OpenAI chat-completions API (POST /v1/chat/completions, GET /health).
     Serve {
         #[command(flatten)]
@@ -184,6 +186,7 @@ fn main() -> ExitCode {
         Command::Chat(args) => chat(args),
         Command::Perplexity(args) => perplexity(args),
         Command::Demo(args) => carrot::demo::run(&args.load_options()).map(|_| ()),
+        Command::Deploy(args) => carrot::deploy::run(&args),
         Command::Serve { serve, runtime } => carrot::serve::run(&serve, &runtime.load_options()),
     };
     match result {
