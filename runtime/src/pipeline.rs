@@ -239,7 +239,7 @@ impl Pipeline {
                         preprocess::decode_image(data, what, cfg.max_pixels)?
                     }
                 };
-                Ok(preprocess::preprocess(&img, cfg))
+                Ok(preprocess::preprocess(&img, cfg)?)
             })
             .collect()
     }

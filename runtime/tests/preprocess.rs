@@ -198,6 +198,24 @@ mod preprocess {
     }
 
     #[test]
+    fn a_strip_whose_padded_square_exceeds_the_pixel_limit_is_refused() {
+        // 4000 x 1 is 4000 pixels, but padding makes it 4000 x 4000: 16 M pixels.
+        let strip = RgbImage::from_pixel(4000, 1, Rgb([9, 9, 9]));
+        let cfg = PreprocessConfig {
+            max_pixels: 1 << 20,
+            ..PreprocessConfig::siglip(8)
+        };
+        let err = preprocess(&strip, &cfg).expect_err("refused");
+        let msg = err.to_string();
+        assert!(msg.contains("4000x1") && msg.contains("4000x4000"), "{msg}");
+        let unpadded = PreprocessConfig { pad: false, ..cfg };
+        assert_eq!(
+            preprocess(&strip, &unpadded).expect("no padding").len(),
+            3 * 64
+        );
+    }
+
+    #[test]
     fn preprocess_layout_is_channels_first() {
         let img = RgbImage::from_fn(2, 2, |x, y| {
             if (x, y) == (1, 0) {
@@ -210,7 +228,7 @@ mod preprocess {
             pad: false,
             ..PreprocessConfig::siglip(2)
         };
-        let v = preprocess(&img, &cfg);
+        let v = preprocess(&img, &cfg).expect("preprocess");
         assert_eq!(v.len(), 12);
         assert_eq!(&v[0..4], &[-1.0, 1.0, -1.0, -1.0]);
         assert_eq!(&v[4..8], &[1.0, -1.0, 1.0, 1.0]);
@@ -484,7 +502,7 @@ mod preprocess {
                 pad,
                 ..PreprocessConfig::siglip(size)
             };
-            let ours = preprocess(&img, &cfg);
+            let ours = preprocess(&img, &cfg).expect("preprocess");
             let golden = read_f32_tensor(&st, name, size);
             let a = agreement(&ours, &golden, &cfg);
             eprintln!(

@@ -403,8 +403,11 @@ impl<R: Read + Seek> Reader<R> {
                 "holds {size} bytes but the pickle declares {exp}"
             )));
         }
+        // Reserve at most what a real record needs up front: the declared size may be anything,
+        // and a record shorter than it fails the check below.
+        const UPFRONT: u64 = 64 << 20;
         let mut buf = Vec::new();
-        usize::try_from(size)
+        usize::try_from(size.min(UPFRONT))
             .ok()
             .and_then(|n| buf.try_reserve_exact(n).ok())
             .ok_or_else(|| err(format!("cannot allocate {size} bytes")))?;
@@ -419,5 +422,21 @@ impl<R: Read + Seek> Reader<R> {
             )));
         }
         Ok(buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_declaring_gigabytes_is_refused_without_reserving_them() {
+        // Found by the torch_bin fuzz target: a zip record claiming 4 GiB made the reader reserve
+        // that much before reading it.
+        let bytes = include_bytes!(
+            "../../../fuzz/regressions/torch_bin/oom-538238e3205512802afb0f09798f48948962cef1"
+        );
+        let r = read_torch_bin_from_reader(std::io::Cursor::new(&bytes[..]), Path::new("f.bin"));
+        assert!(r.is_err());
     }
 }

@@ -49,6 +49,17 @@ pub enum PreprocessError {
     },
     #[error("image {what} has no pixels")]
     Empty { what: String },
+    #[error(
+        "image {width}x{height} pads to a {side}x{side} square ({} pixels), more than the limit of \
+         {max_pixels} pixels; crop it closer to square",
+        u64::from(*side) * u64::from(*side)
+    )]
+    PaddedTooLarge {
+        width: u32,
+        height: u32,
+        side: u32,
+        max_pixels: u64,
+    },
 }
 
 /// Parameters of the vision preprocessing, normally taken from the export manifest.
@@ -115,16 +126,26 @@ impl PreprocessConfig {
 }
 
 /// Pad (if configured), resize to `image_size²` and normalise; returns `[3, size, size]`
-/// channels-first `f32` values.
-pub fn preprocess(img: &RgbImage, cfg: &PreprocessConfig) -> Vec<f32> {
+/// channels-first `f32` values. The padded square is held in memory, so an image whose square
+/// has more than `cfg.max_pixels` pixels (a long thin strip) is refused.
+pub fn preprocess(img: &RgbImage, cfg: &PreprocessConfig) -> Result<Vec<f32>, PreprocessError> {
     let size = cfg.image_size;
     let squared = if cfg.pad {
+        let side = img.width().max(img.height());
+        if u64::from(side) * u64::from(side) > cfg.max_pixels {
+            return Err(PreprocessError::PaddedTooLarge {
+                width: img.width(),
+                height: img.height(),
+                side,
+                max_pixels: cfg.max_pixels,
+            });
+        }
         Cow::Owned(expand_to_square(img, cfg.pad_color))
     } else {
         Cow::Borrowed(img)
     };
     let resized = resize_bicubic(&squared, size, size);
-    normalize(&resized, cfg)
+    Ok(normalize(&resized, cfg))
 }
 
 /// Rescale and normalise an RGB image into channels-first `f32`, without resizing.
