@@ -8,12 +8,13 @@ cd "$ROOT"
 bash scripts/setup.sh
 
 VENV="$ROOT/.venv-test"
-if [[ ! -x "$VENV/bin/python" ]] || ! cmp -s tests/python/requirements.txt "$VENV/requirements.txt"; then
+if [[ ! -x "$VENV/bin/python" ]] || ! cat tests/python/requirements.txt tests/python/requirements-nodeps.txt | cmp -s - "$VENV/requirements.txt"; then
   echo "test.sh: creating $VENV" >&2
   rm -rf "$VENV"
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install --quiet --disable-pip-version-check -r tests/python/requirements.txt
-  cp tests/python/requirements.txt "$VENV/requirements.txt"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps -r tests/python/requirements-nodeps.txt
+  cat tests/python/requirements.txt tests/python/requirements-nodeps.txt >"$VENV/requirements.txt"
 fi
 export CARROT_PYTHON="$VENV/bin/python"
 

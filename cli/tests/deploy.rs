@@ -32,6 +32,12 @@ fn check(dir: &Path) {
         eprintln!("skipping check_deploy.py: CARROT_SKIP_PYTHON=1");
         return;
     }
+    let (ok, report) = run_check(dir);
+    assert!(ok, "manifests do not validate:\n{report}");
+    assert_eq!(report.matches("ok ").count(), 6, "{report}");
+}
+
+fn run_check(dir: &Path) -> (bool, String) {
     let python = std::env::var_os("CARROT_PYTHON")
         .filter(|p| !p.is_empty())
         .unwrap_or_else(|| "python3".into());
@@ -51,8 +57,48 @@ fn check(dir: &Path) {
         "check_deploy.py needs tests/python/requirements.txt (scripts/test.sh makes .venv-test; \
          CARROT_PYTHON names the interpreter):\n{report}"
     );
-    assert!(out.status.success(), "manifests do not validate:\n{report}");
-    assert_eq!(report.matches("ok ").count(), 6, "{report}");
+    (out.status.success(), report)
+}
+
+/// The validation is not a formality: a misspelt field in any of the generated kinds fails it.
+#[test]
+fn a_misspelt_field_fails_the_validation() {
+    if std::env::var("CARROT_SKIP_PYTHON").is_ok_and(|v| v == "1") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    let good = tmp.path().join("good");
+    assert!(deploy(&good, &[]).status.success());
+    for (file, from, to) in [
+        (
+            "kubernetes/deployment.yaml",
+            "readinessProbe",
+            "readinesProbe",
+        ),
+        ("kserve/inference-service.yaml", "minReplicas", "minReplica"),
+        (
+            "kserve/cluster-serving-runtime.yaml",
+            "supportedModelFormats",
+            "supportedModelFormat",
+        ),
+        (
+            "kubernetes/scaled-object.yaml",
+            "maxReplicaCount",
+            "maxReplicas",
+        ),
+    ] {
+        let bad = tmp.path().join("bad");
+        let _ = std::fs::remove_dir_all(&bad);
+        std::fs::create_dir_all(bad.join("kserve")).expect("mkdir");
+        std::fs::create_dir_all(bad.join("kubernetes")).expect("mkdir");
+        let text = read(&good, file).replacen(from, to, 1);
+        std::fs::write(bad.join(file), text).expect("write");
+        let (ok, report) = run_check(&bad);
+        assert!(
+            !ok && report.contains(to),
+            "{file} with `{to}` passed:\n{report}"
+        );
+    }
 }
 
 fn deploy(out: &Path, extra: &[&str]) -> std::process::Output {
