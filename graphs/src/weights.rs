@@ -53,7 +53,7 @@ impl Tensor {
     pub fn to_bytes(&self, dtype: DType) -> Vec<u8> {
         let mut out = large_vec::<u8>(self.data.len() * dtype.size());
         convert_chunks(&self.data, &mut out, dtype, |src, dst| {
-            encode(src.iter().copied(), dst, dtype)
+            encode(src, dst, dtype)
         });
         out
     }
@@ -87,11 +87,7 @@ impl Tensor {
                             tile[k] = data[r * cols + c];
                         }
                         let at = ((c - c0) * rows + r0) * size;
-                        encode(
-                            tile[..r1 - r0].iter().copied(),
-                            &mut dst[at..at + (r1 - r0) * size],
-                            dtype,
-                        );
+                        encode(&tile[..r1 - r0], &mut dst[at..at + (r1 - r0) * size], dtype);
                     }
                 }
             });
@@ -126,7 +122,7 @@ impl Tensor {
                         *v = data[k * cols + c];
                     }
                     let at = ((c - c0) * rows + r0) * size;
-                    encode(column.iter().copied(), &mut dst[at..at + n * size], dtype);
+                    encode(&column, &mut dst[at..at + n * size], dtype);
                 }
             });
     }
@@ -139,7 +135,11 @@ const TILE: usize = 32;
 const CHUNK: usize = 1 << 16;
 
 /// Writes `values` as little-endian `dtype` into `dst` (exactly `values.len() × size` bytes).
-fn encode(values: impl Iterator<Item = f32>, dst: &mut [u8], dtype: DType) {
+/// Half-precision conversions run through `half`'s slice conversions (F16C where the CPU has it),
+/// round to nearest even like the scalar ones.
+fn encode(values: &[f32], dst: &mut [u8], dtype: DType) {
+    use half::slice::HalfFloatSliceExt;
+    const LANE: usize = 64;
     match dtype {
         DType::F32 => {
             for (d, v) in dst.chunks_exact_mut(4).zip(values) {
@@ -147,13 +147,23 @@ fn encode(values: impl Iterator<Item = f32>, dst: &mut [u8], dtype: DType) {
             }
         }
         DType::F16 => {
-            for (d, v) in dst.chunks_exact_mut(2).zip(values) {
-                d.copy_from_slice(&f16::from_f32(v).to_le_bytes());
+            let mut h = [f16::ZERO; LANE];
+            for (d, v) in dst.chunks_mut(2 * LANE).zip(values.chunks(LANE)) {
+                let h = &mut h[..v.len()];
+                h.convert_from_f32_slice(v);
+                for (d, x) in d.chunks_exact_mut(2).zip(h.iter()) {
+                    d.copy_from_slice(&x.to_le_bytes());
+                }
             }
         }
         DType::BF16 => {
-            for (d, v) in dst.chunks_exact_mut(2).zip(values) {
-                d.copy_from_slice(&bf16::from_f32(v).to_le_bytes());
+            let mut h = [bf16::ZERO; LANE];
+            for (d, v) in dst.chunks_mut(2 * LANE).zip(values.chunks(LANE)) {
+                let h = &mut h[..v.len()];
+                h.convert_from_f32_slice(v);
+                for (d, x) in d.chunks_exact_mut(2).zip(h.iter()) {
+                    d.copy_from_slice(&x.to_le_bytes());
+                }
             }
         }
     }
@@ -313,6 +323,46 @@ mod tests {
         let bytes = t.to_bytes(DType::F16);
         for (i, pair) in bytes.chunks_exact(2).enumerate() {
             assert_eq!(pair, f16::from_f32(t.data[i]).to_le_bytes(), "element {i}");
+        }
+    }
+
+    #[test]
+    fn slice_conversions_round_like_the_scalar_ones() {
+        // Ties, the largest finite values, overflow, subnormals and signed zero.
+        let mut values = vec![
+            0.0f32,
+            -0.0,
+            1.0,
+            65504.0,
+            65520.0,
+            1e6,
+            -1e6,
+            5.96e-8,
+            2.98e-8,
+            6.1e-5,
+            1.0 + 1.0 / 2048.0,
+            1.0 + 3.0 / 2048.0,
+            3.3895314e38,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MIN_POSITIVE,
+        ];
+        values.extend((0..1000).map(|i| (i as f32 * 0.731).sin() * 10f32.powi(i % 9 - 4)));
+        let mut f16_bytes = vec![0u8; values.len() * 2];
+        encode(&values, &mut f16_bytes, DType::F16);
+        let mut bf16_bytes = vec![0u8; values.len() * 2];
+        encode(&values, &mut bf16_bytes, DType::BF16);
+        for (i, &v) in values.iter().enumerate() {
+            assert_eq!(
+                f16_bytes[2 * i..2 * i + 2],
+                f16::from_f32(v).to_le_bytes(),
+                "f16 {v}"
+            );
+            assert_eq!(
+                bf16_bytes[2 * i..2 * i + 2],
+                bf16::from_f32(v).to_le_bytes(),
+                "bf16 {v}"
+            );
         }
     }
 
