@@ -82,7 +82,7 @@ struct WeightFile {
 }
 
 /// The tensors of a checkpoint, opened but not read.
-/// A shape and float32 data.
+/// A tensor's shape and its float32 data.
 pub type Tensor2 = (Vec<usize>, Vec<f32>);
 
 pub struct Checkpoint {
@@ -324,25 +324,9 @@ impl Checkpoint {
                 message: format!("tensor `{key}` does not hold its shape {:?}", info.shape),
             });
         }
-        let (a, b) = (
-            start + rows.start * cols * size,
-            start + rows.end * cols * size,
-        );
-        let bytes = file
-            .mmap
-            .get(a..b)
-            .ok_or_else(|| CheckpointError::Safetensors {
-                path: path.clone(),
-                message: format!("tensor `{key}` lies outside the file"),
-            })?;
-        prefetch(&file.mmap, a, b);
-        let data =
-            bytes_to_f32(bytes, &info.dtype).ok_or_else(|| CheckpointError::UnsupportedDtype {
-                path: path.clone(),
-                key: key.to_string(),
-                dtype: info.dtype.clone(),
-            })?;
-        release_pages(&file.mmap, a, b);
+        let row_bytes = cols * size;
+        let range = start + rows.start * row_bytes..start + rows.end * row_bytes;
+        let data = convert_range(file, &path, key, &info, range)?;
         Ok(Some((vec![rows.len(), cols], data)))
     }
 
@@ -357,15 +341,8 @@ impl Checkpoint {
     }
 
     /// Reads one tensor and converts it to float32.
-    pub fn load_f32(&mut self, key: &str) -> Result<(Vec<usize>, Vec<f32>), CheckpointError> {
-        let (file_index, info) =
-            self.tensors
-                .get(key)
-                .cloned()
-                .ok_or_else(|| CheckpointError::NotFound {
-                    dir: self.label.clone(),
-                    key: key.to_string(),
-                })?;
+    pub fn load_f32(&mut self, key: &str) -> Result<Tensor2, CheckpointError> {
+        let (file_index, info) = self.info_at(key)?;
         let path = self.files[file_index].path.clone();
         let data = match &self.files[file_index].kind {
             FileKind::Safetensors(file) => {
@@ -376,23 +353,7 @@ impl Checkpoint {
                             dir: path.clone(),
                             key: key.to_string(),
                         })?;
-                let bytes =
-                    file.mmap
-                        .get(start..end)
-                        .ok_or_else(|| CheckpointError::Safetensors {
-                            path: path.clone(),
-                            message: format!("tensor `{key}` lies outside the file"),
-                        })?;
-                prefetch(&file.mmap, start, end);
-                let converted = bytes_to_f32(bytes, &info.dtype).ok_or_else(|| {
-                    CheckpointError::UnsupportedDtype {
-                        path: path.clone(),
-                        key: key.to_string(),
-                        dtype: info.dtype.clone(),
-                    }
-                })?;
-                release_pages(&file.mmap, start, end);
-                converted
+                convert_range(file, &path, key, &info, start..end)?
             }
             FileKind::TorchBin => {
                 if self
@@ -506,6 +467,33 @@ fn bin_dtype(raw: &RawTensor) -> StoredDType {
 
 /// Drop the mapped pages of a tensor once it has been converted, so resident memory stays at
 /// about one tensor however large the checkpoint is (mapped file pages count as resident).
+/// Bytes `range` of `file` (part or all of tensor `key`) as float32: prefetched, converted on all
+/// threads, then released from this process's memory.
+fn convert_range(
+    file: &SafetensorsFile,
+    path: &Path,
+    key: &str,
+    info: &TensorInfo,
+    range: std::ops::Range<usize>,
+) -> Result<Vec<f32>, CheckpointError> {
+    let bytes = file
+        .mmap
+        .get(range.clone())
+        .ok_or_else(|| CheckpointError::Safetensors {
+            path: path.to_path_buf(),
+            message: format!("tensor `{key}` lies outside the file"),
+        })?;
+    prefetch(&file.mmap, range.start, range.end);
+    let data =
+        bytes_to_f32(bytes, &info.dtype).ok_or_else(|| CheckpointError::UnsupportedDtype {
+            path: path.to_path_buf(),
+            key: key.to_string(),
+            dtype: info.dtype.clone(),
+        })?;
+    release_pages(&file.mmap, range.start, range.end);
+    Ok(data)
+}
+
 /// Starts reading a tensor's whole byte range ahead of its conversion, so the threads that
 /// convert it find its pages in memory instead of faulting them in one readahead window at a time.
 fn prefetch(mmap: &Mmap, start: usize, end: usize) {

@@ -271,29 +271,10 @@ impl ModelWeights {
     }
 
     fn load(&mut self, name: &str) -> Result<Tensor, ExportError> {
-        let loc = self
-            .locate(name)
-            .ok_or_else(|| ExportError::MissingTensor {
-                name: name.to_string(),
-                looked: self.looked_for(name),
-            })?;
+        let (loc, _) = self.located(name)?;
         let checkpoint = &mut self.stores[loc.store].checkpoint;
         let byte_len = checkpoint.info(&loc.key).map(|i| i.byte_len()).unwrap_or(0);
         let (shape, mut data) = checkpoint.load_f32(&loc.key)?;
-        if let Some(expected) = self.expected.get(name)
-            && &shape != expected
-        {
-            return Err(ExportError::Shape {
-                file: checkpoint
-                    .file_of(&loc.key)
-                    .unwrap_or(checkpoint.label())
-                    .to_path_buf(),
-                key: loc.key,
-                name: name.to_string(),
-                expected: expected.clone(),
-                actual: shape,
-            });
-        }
         self.bytes_read += byte_len as u64;
         let module_key = merged_keys(name).swap_remove(0);
         for adapter in &mut self.adapters {
@@ -308,16 +289,15 @@ impl ModelWeights {
 }
 
 impl ModelWeights {
-    fn missing(&self, name: &str) -> ExportError {
-        ExportError::MissingTensor {
-            name: name.to_string(),
-            looked: self.looked_for(name),
-        }
-    }
-
-    /// The stored shape of `name`, checked against the model's configuration.
-    fn checked_shape(&mut self, name: &str) -> Result<Vec<usize>, ExportError> {
-        let loc = self.locate(name).ok_or_else(|| self.missing(name))?;
+    /// Where `name` is stored and its stored shape, checked against the model's configuration
+    /// before any of its data is read.
+    fn located(&self, name: &str) -> Result<(Location, Vec<usize>), ExportError> {
+        let loc = self
+            .locate(name)
+            .ok_or_else(|| ExportError::MissingTensor {
+                name: name.to_string(),
+                looked: self.looked_for(name),
+            })?;
         let checkpoint = &self.stores[loc.store].checkpoint;
         let shape = checkpoint.info(&loc.key)?.shape.clone();
         if let Some(expected) = self.expected.get(name)
@@ -334,7 +314,7 @@ impl ModelWeights {
                 actual: shape,
             });
         }
-        Ok(shape)
+        Ok((loc, shape))
     }
 
     fn load_rows(
@@ -343,12 +323,11 @@ impl ModelWeights {
         rows: std::ops::Range<usize>,
     ) -> Result<Tensor, WeightError> {
         let err = |e: ExportError| WeightError(e.to_string());
-        let shape = self.checked_shape(name).map_err(err)?;
+        let (loc, shape) = self.located(name).map_err(err)?;
         let module_key = merged_keys(name).swap_remove(0);
         let module = module_key.strip_suffix(".weight").unwrap_or(&module_key);
         let adapted = self.adapters.iter().any(|a| a.scaling(module).is_some());
         if !adapted {
-            let loc = self.locate(name).ok_or_else(|| err(self.missing(name)))?;
             let checkpoint = &mut self.stores[loc.store].checkpoint;
             let elem = checkpoint
                 .info(&loc.key)
@@ -362,19 +341,15 @@ impl ModelWeights {
                 return Ok(Tensor { shape, data });
             }
         }
-        // Adapted, or in a torch `.bin`: read (and merge) the whole tensor once, serve its rows.
-        if self.row_cache.as_ref().is_none_or(|(n, _)| n != name) {
-            self.row_cache = None;
-            let t = self.load(name).map_err(err)?;
-            self.row_cache = Some((name.to_string(), t));
-        }
-        let t = match &self.row_cache {
-            Some((_, t)) => t,
-            None => return Err(WeightError(format!("`{name}` shape {shape:?}"))),
+        // Adapted, or in a torch `.bin`: read (and merge) the whole tensor once, serve its rows
+        // until the last block has been asked for.
+        let whole = match self.row_cache.take() {
+            Some((cached, t)) if cached == name => t,
+            _ => self.load(name).map_err(err)?,
         };
-        let part = carrot_graphs::weights::slice_rows(t, name, rows.clone())?;
-        if rows.end == shape[0] {
-            self.row_cache = None;
+        let part = carrot_graphs::weights::slice_rows(&whole, name, rows.clone())?;
+        if rows.end < shape[0] {
+            self.row_cache = Some((name.to_string(), whole));
         }
         Ok(part)
     }
@@ -386,7 +361,8 @@ impl WeightSource for ModelWeights {
     }
 
     fn shape(&mut self, name: &str) -> Result<Vec<usize>, WeightError> {
-        self.checked_shape(name)
+        self.located(name)
+            .map(|(_, shape)| shape)
             .map_err(|e| WeightError(e.to_string()))
     }
 
