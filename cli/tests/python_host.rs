@@ -67,32 +67,10 @@ fn golden(name: &str) -> Record {
 
 /// The interpreter for the host, or `None` when `CARROT_SKIP_PYTHON=1`.
 fn python() -> Option<PathBuf> {
-    if std::env::var("CARROT_SKIP_PYTHON").is_ok_and(|v| v == "1") {
-        eprintln!("skipping the Python host: CARROT_SKIP_PYTHON=1");
-        return None;
-    }
-    let python = std::env::var_os("CARROT_PYTHON")
-        .filter(|p| !p.is_empty())
-        .map_or_else(|| PathBuf::from("python3"), PathBuf::from);
-    let probe = Command::new(&python)
-        .args(["-c", "import onnxruntime, tokenizers, numpy, PIL, jinja2"])
-        .output();
-    let why = match probe {
-        Ok(out) if out.status.success() => return Some(python),
-        Ok(out) => String::from_utf8_lossy(&out.stderr)
-            .lines()
-            .rfind(|l| !l.trim().is_empty())
-            .unwrap_or("")
-            .trim()
-            .to_owned(),
-        Err(e) => e.to_string(),
-    };
-    panic!(
-        "the Python host needs onnxruntime, tokenizers, numpy, Pillow and jinja2 (tests/python/requirements.txt), \
-         but `{} -c \"import …\"` failed: {why}. Run scripts/test.sh (it makes .venv-test) or set CARROT_PYTHON \
-         to such an interpreter; CARROT_SKIP_PYTHON=1 skips these tests",
-        python.display()
-    );
+    carrot_tests::python_with(
+        "onnxruntime, tokenizers, numpy, PIL, jinja2",
+        "the Python host",
+    )
 }
 
 /// Export `fixtures/models/NAME` (fp32) into a temporary directory and put the Llama 3

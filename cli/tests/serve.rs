@@ -1096,33 +1096,16 @@ fn the_drain_deadline_bounds_the_wait_for_requests_in_flight() {
 
 #[test]
 fn the_official_openai_client_works_with_every_parameter() {
-    if std::env::var("CARROT_SKIP_PYTHON").is_ok_and(|v| v == "1") {
-        eprintln!("skipping the OpenAI client test: CARROT_SKIP_PYTHON=1");
-        return;
-    }
     let settings = Settings {
         api_key: Some("k3y".into()),
         ..Settings::for_model_dir(model_dir())
     };
     let (addr, _stop) = start(model_dir(), settings);
-    let python = std::env::var_os("CARROT_PYTHON")
-        .filter(|p| !p.is_empty())
-        .unwrap_or_else(|| "python3".into());
-    let out = std::process::Command::new(&python)
-        .arg(root().join("tests/python/openai_client.py"))
-        .arg(format!("http://{addr}/v1"))
-        .arg("k3y")
-        .output()
-        .unwrap_or_else(|e| panic!("running {python:?}: {e}"));
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        !report.contains("No module named"),
-        "the OpenAI client test needs tests/python/requirements.txt (scripts/test.sh makes \
-         .venv-test; CARROT_PYTHON names the interpreter):\n{report}"
-    );
-    assert!(out.status.success(), "{report}");
+    let url = format!("http://{addr}/v1");
+    let args = [std::ffi::OsStr::new(&url), std::ffi::OsStr::new("k3y")];
+    if let Some(result) = carrot_tests::run_python_script("openai", "openai_client.py", &args) {
+        if let Err(report) = result {
+            panic!("the OpenAI client failed:\n{report}");
+        }
+    }
 }

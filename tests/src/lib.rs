@@ -56,56 +56,67 @@ pub fn check_bf16_reference(export: &Path) -> Result<(), String> {
     )
 }
 
-/// Runs `tests/python/SCRIPT ARGS` with `$CARROT_PYTHON` (default `python3`), which must be able
-/// to import `module`; `Err` holds the script's output when it fails. Panics with advice when
-/// the interpreter lacks the module; `CARROT_SKIP_PYTHON=1` skips the check with a note.
+/// Runs `tests/python/SCRIPT ARGS` (see [`run_python_script`]); `Err` holds the script's output
+/// when it fails; `CARROT_SKIP_PYTHON=1` skips the check with a note.
 fn python_check(module: &str, script: &str, args: &[&std::ffi::OsStr]) -> Result<(), String> {
+    match run_python_script(module, script, args) {
+        Some(result) => result.map(|_| ()),
+        None => Ok(()),
+    }
+}
+
+/// `$CARROT_PYTHON` (default `python3`) when it can import `modules` (Python's `import` list, e.g.
+/// `"onnxruntime, numpy"`); `None`, with a note naming `what`, when `CARROT_SKIP_PYTHON=1`.
+/// Panics with advice when the interpreter lacks a module: a test must not pass by skipping.
+pub fn python_with(modules: &str, what: &str) -> Option<PathBuf> {
     if std::env::var("CARROT_SKIP_PYTHON").is_ok_and(|v| v == "1") {
-        eprintln!("skipping {script}: CARROT_SKIP_PYTHON=1");
-        return Ok(());
+        eprintln!("skipping {what}: CARROT_SKIP_PYTHON=1");
+        return None;
     }
     let python = std::env::var_os("CARROT_PYTHON")
         .filter(|p| !p.is_empty())
-        .unwrap_or_else(|| "python3".into());
-    let shown = Path::new(&python).display().to_string();
+        .map_or_else(|| PathBuf::from("python3"), PathBuf::from);
     let probe = Command::new(&python)
-        .args(["-c", &format!("import {module}")])
+        .args(["-c", &format!("import {modules}")])
         .output();
-    match probe {
-        Ok(out) if out.status.success() => {}
-        outcome => {
-            let why = match outcome {
-                Ok(out) => String::from_utf8_lossy(&out.stderr)
-                    .lines()
-                    .rfind(|l| !l.trim().is_empty())
-                    .unwrap_or("no output")
-                    .trim()
-                    .to_owned(),
-                Err(e) => e.to_string(),
-            };
-            panic!(
-                "{script} needs Python with {module} (tests/python/requirements.txt), but \
-                 `{shown} -c \"import {module}\"` failed ({why}); run the setup in `.ci/run` \
-                 (scripts/test.sh makes .venv-test) or set CARROT_PYTHON to such an interpreter \
-                 (CARROT_SKIP_PYTHON=1 skips this check)"
-            );
-        }
-    }
+    let why = match probe {
+        Ok(out) if out.status.success() => return Some(python),
+        Ok(out) => String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .rfind(|l| !l.trim().is_empty())
+            .unwrap_or("no output")
+            .trim()
+            .to_owned(),
+        Err(e) => e.to_string(),
+    };
+    panic!(
+        "{what} needs Python with {modules} (tests/python/requirements.txt), but `{} -c \"import \
+         {modules}\"` failed ({why}); run the setup in `.ci/run` (scripts/test.sh makes .venv-test) \
+         or set CARROT_PYTHON to such an interpreter (CARROT_SKIP_PYTHON=1 skips this check)",
+        python.display()
+    );
+}
+
+/// Runs `tests/python/SCRIPT ARGS` with [`python_with`]`(modules, SCRIPT)`: `Ok(stdout)` when it
+/// succeeds, `Err(stdout + stderr)` when it fails, `None` when Python is skipped.
+pub fn run_python_script(
+    modules: &str,
+    script: &str,
+    args: &[&std::ffi::OsStr],
+) -> Option<Result<String, String>> {
+    let python = python_with(modules, script)?;
     let path = workspace_root().join("tests/python").join(script);
     let out = Command::new(&python)
         .arg(&path)
         .args(args)
         .output()
-        .unwrap_or_else(|e| panic!("running {shown} {}: {e}", path.display()));
-    if out.status.success() {
-        Ok(())
+        .unwrap_or_else(|e| panic!("running {} {}: {e}", python.display(), path.display()));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    Some(if out.status.success() {
+        Ok(stdout)
     } else {
-        Err(format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
+        Err(format!("{stdout}{}", String::from_utf8_lossy(&out.stderr)))
+    })
 }
 
 /// How far `actual` is from `expected` under `|a - e| <= atol + rtol * |e|`.
