@@ -358,16 +358,7 @@ impl Pipeline {
     ) -> Result<Answer, PipelineError> {
         let sentinel = self.engine.manifest.prompt.image_token_index;
         let prompt = split_prompt(prompt_ids, sentinel)?;
-        let common = conversation
-            .cached_ids
-            .iter()
-            .zip(prompt_ids)
-            .take_while(|(a, b)| a == b)
-            .count();
-        let cached = generate::prompt_len(
-            &split_prompt(&prompt_ids[..common], sentinel)?,
-            crate::generate::Model::num_image_tokens(&self.engine),
-        );
+        let cached = self.shared_positions(&conversation.cached_ids, prompt_ids)?;
         // The request borrows the conversation's image features for this turn and gives them back
         // whatever happens, so they are encoded and copied once per conversation.
         let options = self.options(params);
@@ -396,6 +387,25 @@ impl Pipeline {
 }
 
 impl Pipeline {
+    /// How many positions of `prompt_ids` a KV cache that holds `cached_ids` (sentinels included,
+    /// with the same images) already holds: those of their common prefix, images expanded.
+    pub fn shared_positions(
+        &self,
+        cached_ids: &[i64],
+        prompt_ids: &[i64],
+    ) -> Result<usize, PipelineError> {
+        let common = cached_ids
+            .iter()
+            .zip(prompt_ids)
+            .take_while(|(a, b)| a == b)
+            .count();
+        let sentinel = self.engine.manifest.prompt.image_token_index;
+        Ok(generate::prompt_len(
+            &split_prompt(&prompt_ids[..common], sentinel)?,
+            crate::generate::Model::num_image_tokens(&self.engine),
+        ))
+    }
+
     /// One conversation turn: from `cache` (holding the first `cached` positions) when there is
     /// one, else from scratch; returns the output and the cache it leaves.
     fn run_turn(

@@ -22,7 +22,7 @@ use super::metrics::Metrics;
 use super::openai::{LogprobEntry, TopLogprob};
 use super::stop::{Filtered, StopText};
 use carrot_runtime::engine::{ImageFeatures, KvCache};
-use carrot_runtime::generate::{Event, Generation, Model, Request, prompt_len};
+use carrot_runtime::generate::{Event, Generation, Request};
 use carrot_runtime::pipeline::{Pipeline, Prompt, split_prompt};
 
 /// What the worker reports about one request, in this order: `Started`; for each choice in
@@ -54,6 +54,13 @@ pub struct Job {
     pub deadline: Instant,
     pub timeout: Duration,
     pub replies: mpsc::UnboundedSender<Reply>,
+}
+
+impl Job {
+    /// When the request arrived: its deadline is its arrival plus its timeout.
+    fn arrived(&self) -> Instant {
+        self.deadline - self.timeout
+    }
 }
 
 /// Where handlers put requests; bounded, so a flood of requests is refused instead of queued.
@@ -152,7 +159,7 @@ fn log_request(
     started: Instant,
     outcome: &std::thread::Result<Result<Option<Reply>, ApiError>>,
 ) {
-    let queued_ms = (started - (job.deadline - job.timeout)).as_secs_f64() * 1e3;
+    let queued_ms = (started - job.arrived()).as_secs_f64() * 1e3;
     let run_ms = started.elapsed().as_secs_f64() * 1e3;
     match outcome {
         Ok(Ok(Some(Reply::Done {
@@ -204,9 +211,14 @@ type ImageKey = [u8; 32];
 
 fn image_key(pixels: &[f32]) -> ImageKey {
     use sha2::Digest;
+    const CHUNK: usize = 4096;
     let mut h = sha2::Sha256::new();
-    for v in pixels {
-        h.update(v.to_le_bytes());
+    let mut bytes = [0u8; 4 * CHUNK];
+    for chunk in pixels.chunks(CHUNK) {
+        for (b, v) in bytes.chunks_exact_mut(4).zip(chunk) {
+            b.copy_from_slice(&v.to_le_bytes());
+        }
+        h.update(&bytes[..4 * chunk.len()]);
     }
     h.finalize().into()
 }
@@ -290,7 +302,7 @@ fn run(
     job: &Job,
     metrics: &Metrics,
 ) -> Result<Option<Reply>, ApiError> {
-    let arrived = job.deadline - job.timeout;
+    let arrived = job.arrived();
     let replies = &job.replies;
     if replies.is_closed() {
         return Ok(None);
@@ -383,21 +395,11 @@ fn generate_choice(
 ) -> Result<Option<(usize, usize)>, ApiError> {
     let (replies, input) = (&job.replies, &job.input);
     let prompt_ids = choice.prompt_ids;
-    let sentinel = pipeline.engine.manifest.prompt.image_token_index;
     // Continue from the last request's cache when this prompt starts with what it holds (same
     // images): only the rest is prefilled.
     let resume = match caches.last.take().filter(|last| last.images == choice.keys) {
         Some(last) => {
-            let common = last
-                .ids
-                .iter()
-                .zip(prompt_ids)
-                .take_while(|(a, b)| a == b)
-                .count();
-            let cached = prompt_len(
-                &split_prompt(&prompt_ids[..common], sentinel)?,
-                pipeline.engine.num_image_tokens(),
-            );
+            let cached = pipeline.shared_positions(&last.ids, prompt_ids)?;
             (cached > 0).then_some((last.cache, cached))
         }
         None => None,
