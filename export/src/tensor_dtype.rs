@@ -4,6 +4,7 @@ use std::borrow::Cow;
 use std::fmt;
 
 use half::{bf16, f16, slice::HalfFloatSliceExt};
+use rayon::prelude::*;
 
 /// Element type of a stored tensor.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -87,9 +88,6 @@ impl TensorInfo {
 
 /// Converts little-endian float bytes to f32; `None` for non-float dtypes.
 pub fn bytes_to_f32(bytes: &[u8], dtype: &StoredDType) -> Option<Vec<f32>> {
-    use rayon::prelude::*;
-    /// Elements per parallel task.
-    const CHUNK: usize = 1 << 16;
     let size = dtype.size()?;
     if !bytes.len().is_multiple_of(size) {
         return None;
@@ -97,20 +95,8 @@ pub fn bytes_to_f32(bytes: &[u8], dtype: &StoredDType) -> Option<Vec<f32>> {
     let n = bytes.len() / size;
     let mut out = carrot_graphs::weights::large_vec::<f32>(n);
     match dtype {
-        StoredDType::F16 => {
-            let v = aligned::<u16>(bytes)?;
-            let v = bytemuck::cast_slice::<u16, f16>(&v);
-            out.par_chunks_mut(CHUNK)
-                .zip(v.par_chunks(CHUNK))
-                .for_each(|(o, s)| s.convert_to_f32_slice(o));
-        }
-        StoredDType::BF16 => {
-            let v = aligned::<u16>(bytes)?;
-            let v = bytemuck::cast_slice::<u16, bf16>(&v);
-            out.par_chunks_mut(CHUNK)
-                .zip(v.par_chunks(CHUNK))
-                .for_each(|(o, s)| s.convert_to_f32_slice(o));
-        }
+        StoredDType::F16 => widen::<f16>(bytes, &mut out)?,
+        StoredDType::BF16 => widen::<bf16>(bytes, &mut out)?,
         StoredDType::F32 => {
             out.par_chunks_mut(CHUNK)
                 .zip(bytes.par_chunks(CHUNK * 4))
@@ -130,6 +116,22 @@ pub fn bytes_to_f32(bytes: &[u8], dtype: &StoredDType) -> Option<Vec<f32>> {
         StoredDType::Other(_) => return None,
     }
     Some(out)
+}
+
+/// Elements per parallel conversion task.
+const CHUNK: usize = 1 << 16;
+
+/// Little-endian half-precision bytes (`f16` or `bf16`) into `out`, on all threads.
+fn widen<H: bytemuck::Pod + Sync>(bytes: &[u8], out: &mut [f32]) -> Option<()>
+where
+    [H]: HalfFloatSliceExt,
+{
+    let v = aligned::<u16>(bytes)?;
+    let v = bytemuck::cast_slice::<u16, H>(&v);
+    out.par_chunks_mut(CHUNK)
+        .zip(v.par_chunks(CHUNK))
+        .for_each(|(o, s)| s.convert_to_f32_slice(o));
+    Some(())
 }
 
 /// Views little-endian bytes as `T`s, copying only when they are not aligned for `T`.

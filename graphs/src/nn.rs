@@ -137,8 +137,7 @@ impl Ctx<'_> {
                 block.scatter_transposed(&mut out, r0, rows, dtype);
             } else {
                 let at = r0 * cols * size;
-                let bytes = block.to_bytes(dtype);
-                out[at..at + bytes.len()].copy_from_slice(&bytes);
+                block.write_bytes(&mut out[at..at + block.len() * size], dtype);
             }
             Ok(())
         })?;

@@ -35,69 +35,57 @@ impl Tensor {
 
     /// Transpose a 2-D tensor: `[rows, cols]` → `[cols, rows]` (other ranks are returned as they are).
     ///
-    /// Hugging Face `Linear` weights are stored `[out, in]`; ONNX `MatMul` wants `[in, out]`.
+    /// Hugging Face `Linear` weights are stored `[out, in]`; ONNX `MatMul` wants `[in, out]`. Graphs
+    /// store transposes with [`Tensor::transposed_bytes`]; this plain float32 one serves small
+    /// tensors and checks.
     pub fn transposed(&self) -> Tensor {
         let (rows, cols) = match self.shape.as_slice() {
             [r, c] => (*r, *c),
             _ => return self.clone(),
         };
-        let mut out = large_vec::<f32>(self.data.len());
-        transpose_into(&self.data, rows, cols, &mut out, |x| x);
+        let data = (0..cols)
+            .flat_map(|c| (0..rows).map(move |r| (r, c)))
+            .map(|(r, c)| self.data[r * cols + c])
+            .collect();
         Tensor {
             shape: vec![cols, rows],
-            data: out,
+            data,
         }
     }
 
     /// Little-endian bytes of this tensor converted to `dtype` (round to nearest even).
     pub fn to_bytes(&self, dtype: DType) -> Vec<u8> {
         let mut out = large_vec::<u8>(self.data.len() * dtype.size());
-        convert_chunks(&self.data, &mut out, dtype, |src, dst| {
-            encode(src, dst, dtype)
-        });
+        self.write_bytes(&mut out, dtype);
         out
+    }
+
+    /// [`Tensor::to_bytes`] into `dst` (exactly `len() × dtype.size()` bytes), on all threads.
+    pub fn write_bytes(&self, dst: &mut [u8], dtype: DType) {
+        let size = dtype.size();
+        assert_eq!(dst.len(), self.data.len() * size, "byte buffer size");
+        dst.par_chunks_mut(CHUNK * size)
+            .zip(self.data.par_chunks(CHUNK))
+            .for_each(|(d, s)| encode(s, d, dtype));
     }
 
     /// Little-endian bytes of the transpose of this 2-D tensor in `dtype`, in one pass: what
     /// `transposed().to_bytes(dtype)` gives, without the transposed float32 copy.
     pub fn transposed_bytes(&self, dtype: DType) -> Vec<u8> {
-        let (rows, cols) = match self.shape.as_slice() {
-            [r, c] => (*r, *c),
+        let rows = match self.shape.as_slice() {
+            [r, _] => *r,
             _ => return self.to_bytes(dtype),
         };
-        let size = dtype.size();
-        let mut out = large_vec::<u8>(self.data.len() * size);
-        // Each task owns a band of output rows (= input columns) and walks the input in
-        // square tiles, so reads and writes both stay within a few cache lines per row.
-        if rows == 0 || cols == 0 {
-            return out;
-        }
-        let band = TILE;
-        let data = &self.data;
-        out.par_chunks_mut(band * rows * size)
-            .enumerate()
-            .for_each(|(i, dst)| {
-                let c0 = i * band;
-                let c1 = (c0 + band).min(cols);
-                let mut tile = [0f32; TILE];
-                for r0 in (0..rows).step_by(TILE) {
-                    let r1 = (r0 + TILE).min(rows);
-                    for c in c0..c1 {
-                        for (k, r) in (r0..r1).enumerate() {
-                            tile[k] = data[r * cols + c];
-                        }
-                        let at = ((c - c0) * rows + r0) * size;
-                        encode(&tile[..r1 - r0], &mut dst[at..at + (r1 - r0) * size], dtype);
-                    }
-                }
-            });
+        let mut out = large_vec::<u8>(self.data.len() * dtype.size());
+        self.scatter_transposed(&mut out, 0, rows, dtype);
         out
     }
-}
 
-impl Tensor {
     /// Writes this block of rows `[n, cols]`, which starts at row `r0` of a `[rows, cols]`
     /// matrix, into `out`: the bytes of that matrix's transpose `[cols, rows]` in `dtype`.
+    ///
+    /// Each task owns a band of output rows (= columns of the block) and walks the block in
+    /// square tiles, so reads and writes both stay within a few cache lines per row.
     pub fn scatter_transposed(&self, out: &mut [u8], r0: usize, rows: usize, dtype: DType) {
         let (n, cols) = match self.shape.as_slice() {
             [n, c] => (*n, *c),
@@ -110,19 +98,21 @@ impl Tensor {
             return;
         }
         let data = &self.data;
-        // Each task owns TILE output rows (= TILE columns of this block).
         out.par_chunks_mut(TILE * rows * size)
             .enumerate()
             .for_each(|(i, dst)| {
                 let c0 = i * TILE;
                 let c1 = (c0 + TILE).min(cols);
-                let mut column = vec![0f32; n];
-                for c in c0..c1 {
-                    for (k, v) in column.iter_mut().enumerate() {
-                        *v = data[k * cols + c];
+                let mut tile = [0f32; TILE];
+                for t0 in (0..n).step_by(TILE) {
+                    let t1 = (t0 + TILE).min(n);
+                    for c in c0..c1 {
+                        for (k, t) in (t0..t1).enumerate() {
+                            tile[k] = data[t * cols + c];
+                        }
+                        let at = ((c - c0) * rows + r0 + t0) * size;
+                        encode(&tile[..t1 - t0], &mut dst[at..at + (t1 - t0) * size], dtype);
                     }
-                    let at = ((c - c0) * rows + r0) * size;
-                    encode(&column, &mut dst[at..at + n * size], dtype);
                 }
             });
     }
@@ -138,73 +128,32 @@ const CHUNK: usize = 1 << 16;
 /// Half-precision conversions run through `half`'s slice conversions (F16C where the CPU has it),
 /// round to nearest even like the scalar ones.
 fn encode(values: &[f32], dst: &mut [u8], dtype: DType) {
-    use half::slice::HalfFloatSliceExt;
-    const LANE: usize = 64;
     match dtype {
         DType::F32 => {
             for (d, v) in dst.chunks_exact_mut(4).zip(values) {
                 d.copy_from_slice(&v.to_le_bytes());
             }
         }
-        DType::F16 => {
-            let mut h = [f16::ZERO; LANE];
-            for (d, v) in dst.chunks_mut(2 * LANE).zip(values.chunks(LANE)) {
-                let h = &mut h[..v.len()];
-                h.convert_from_f32_slice(v);
-                for (d, x) in d.chunks_exact_mut(2).zip(h.iter()) {
-                    d.copy_from_slice(&x.to_le_bytes());
-                }
-            }
-        }
-        DType::BF16 => {
-            let mut h = [bf16::ZERO; LANE];
-            for (d, v) in dst.chunks_mut(2 * LANE).zip(values.chunks(LANE)) {
-                let h = &mut h[..v.len()];
-                h.convert_from_f32_slice(v);
-                for (d, x) in d.chunks_exact_mut(2).zip(h.iter()) {
-                    d.copy_from_slice(&x.to_le_bytes());
-                }
-            }
-        }
+        DType::F16 => encode_half::<f16>(values, dst),
+        DType::BF16 => encode_half::<bf16>(values, dst),
     }
 }
 
-/// Runs `f(src_chunk, dst_chunk)` over matching chunks of `src` (f32) and `dst` (bytes of
-/// `dtype`) on all threads.
-fn convert_chunks(src: &[f32], dst: &mut [u8], dtype: DType, f: impl Fn(&[f32], &mut [u8]) + Sync) {
-    let size = dtype.size();
-    dst.par_chunks_mut(CHUNK * size)
-        .zip(src.par_chunks(CHUNK))
-        .for_each(|(d, s)| f(s, d));
-}
-
-/// `out[c * rows + r] = map(src[r * cols + c])`, in tiles, one band of output rows per task.
-fn transpose_into<T: Copy + Send + Sync, U: Copy + Send>(
-    src: &[T],
-    rows: usize,
-    cols: usize,
-    out: &mut [U],
-    map: impl Fn(T) -> U + Sync,
-) {
-    if rows == 0 || cols == 0 {
-        return;
+/// [`encode`] for a 16-bit float type `H` (`f16` or `bf16`).
+fn encode_half<H: bytemuck::Pod>(values: &[f32], dst: &mut [u8])
+where
+    [H]: half::slice::HalfFloatSliceExt,
+{
+    use half::slice::HalfFloatSliceExt;
+    const LANE: usize = 64;
+    let mut h = [H::zeroed(); LANE];
+    for (d, v) in dst.chunks_mut(2 * LANE).zip(values.chunks(LANE)) {
+        let h = &mut h[..v.len()];
+        h.convert_from_f32_slice(v);
+        for (d, &x) in d.chunks_exact_mut(2).zip(h.iter()) {
+            d.copy_from_slice(&bytemuck::cast::<H, u16>(x).to_le_bytes());
+        }
     }
-    let band = TILE;
-    out.par_chunks_mut(band * rows)
-        .enumerate()
-        .for_each(|(i, dst)| {
-            let c0 = i * band;
-            let c1 = (c0 + band).min(cols);
-            for r0 in (0..rows).step_by(TILE) {
-                let r1 = (r0 + TILE).min(rows);
-                for r in r0..r1 {
-                    let row = &src[r * cols..(r + 1) * cols];
-                    for c in c0..c1 {
-                        dst[(c - c0) * rows + r] = map(row[c]);
-                    }
-                }
-            }
-        });
 }
 
 /// A zeroed vector of `n` elements for a large buffer: the allocation is asked to be backed by
