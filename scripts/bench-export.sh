@@ -44,6 +44,16 @@ inputs() { # DIR -> weight files
 sum_bytes() { stat -c %s "$@" | awk '{s += $1} END {printf "%.0f\n", s}'; }
 now() { date +%s.%N; }
 
+# Runs CMD... under /usr/bin/time -v: sets WALL (seconds) and RSS_KB; on failure prints the end of
+# the report and returns 1.
+timed() {
+  local report
+  report="$( { /usr/bin/time -v "$@" >/dev/null; } 2>&1 )" || { echo "$report" | tail -5 >&2; return 1; }
+  WALL="$(grep 'Elapsed (wall clock)' <<<"$report" | awk '{print $NF}' \
+    | awk -F: '{ if (NF == 3) print $1 * 3600 + $2 * 60 + $3; else print $1 * 60 + $2 }')"
+  RSS_KB="$(grep 'Maximum resident set size' <<<"$report" | awk '{print $NF}')"
+}
+
 # The disk's own time: read these files with a cold cache, write this many bytes and fsync.
 disk_read_s() {
   drop_cache "$@"
@@ -80,12 +90,10 @@ peer() {
         cmd=("$PEER_PYTHON" -m onnxruntime_genai.models.builder -i "$model" -o "$WORK/out" -p "$dtype" -e cpu -c "$WORK/ogenai-cache")
         [[ $dtype == int4 ]] && cmd+=(--extra_options block_size=32)
       fi
-      report="$( { /usr/bin/time -v "${cmd[@]}" >/dev/null; } 2>&1 )" || { echo "$report" | tail -5 >&2; continue; }
-      wall="$(grep 'Elapsed (wall clock)' <<<"$report" | awk '{print $NF}' | awk -F: '{ if (NF == 3) print $1 * 3600 + $2 * 60 + $3; else print $1 * 60 + $2 }')"
-      rss_kb="$(grep 'Maximum resident set size' <<<"$report" | awk '{print $NF}')"
-      out_bytes="$(find "$WORK/out" -type f -print0 | xargs -0 stat -c %s | awk '{s += $1} END {printf "%.0f\n", s}')"
+      timed "${cmd[@]}" || continue
+      out_bytes="$(sum_bytes "$WORK"/out/*)"
       printf "| %s | %s | %.1f | %.2f | %.2f |\n" "$dtype" "$([[ $who == carrot ]] && echo carrot-export || echo 'onnxruntime-genai builder')" \
-        "$wall" "$(echo "$rss_kb / 1000000" | bc -l)" "$(echo "$out_bytes / 1000000000" | bc -l)"
+        "$WALL" "$(echo "$RSS_KB / 1000000" | bc -l)" "$(echo "$out_bytes / 1000000000" | bc -l)"
       rm -rf "$WORK/out" "$WORK/ogenai-cache"
     done
   done
@@ -112,16 +120,13 @@ for case in "${CASES[@]}"; do
     rm -rf "$WORK/out"
     drop_cache "${files[@]}"
     sync
-    report="$( { /usr/bin/time -v "$BIN/carrot-export" "${args[@]}" --out "$WORK/out" -q >/dev/null; } 2>&1 )" \
-      || { echo "$report" >&2; exit 1; }
-    wall="$(grep 'Elapsed (wall clock)' <<<"$report" | awk '{print $NF}' | awk -F: '{ if (NF == 3) print $1 * 3600 + $2 * 60 + $3; else print $1 * 60 + $2 }')"
-    rss_kb="$(grep 'Maximum resident set size' <<<"$report" | awk '{print $NF}')"
+    timed "$BIN/carrot-export" "${args[@]}" --out "$WORK/out" -q || exit 1
     out_bytes="$(sum_bytes "$WORK"/out/*)"
     rm -rf "$WORK/out"
     r="$(disk_read_s "${files[@]}")"
     w="$(disk_write_s "$out_bytes")"
     printf "| %s | %.2f | %.2f | %.1f | %.1f (%.1f + %.1f) | %.2f× | %.2f |\n" "$case" \
-      "$(echo "$in_bytes / 1000000000" | bc -l)" "$(echo "$out_bytes / 1000000000" | bc -l)" "$wall" \
-      "$(echo "$r + $w" | bc -l)" "$r" "$w" "$(echo "$wall / ($r + $w)" | bc -l)" "$(echo "$rss_kb / 1000000" | bc -l)"
+      "$(echo "$in_bytes / 1000000000" | bc -l)" "$(echo "$out_bytes / 1000000000" | bc -l)" "$WALL" \
+      "$(echo "$r + $w" | bc -l)" "$r" "$w" "$(echo "$WALL / ($r + $w)" | bc -l)" "$(echo "$RSS_KB / 1000000" | bc -l)"
   done
 done

@@ -487,17 +487,19 @@ pub fn run(args: &DeployArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|| "deploy".into()),
         std::process::id()
     ));
-    let result = write_all(&plan, &tmp, &ort.path);
-    if let Err(e) = result {
+    let placed = write_all(&plan, &tmp, &ort.path).and_then(|()| {
+        if args.out.exists() {
+            std::fs::remove_dir_all(&args.out)
+                .with_context(|| format!("replacing {}", args.out.display()))?;
+        }
+        std::fs::rename(&tmp, &args.out)
+            .with_context(|| format!("moving the files to {}", args.out.display()))
+    });
+    if let Err(e) = placed {
+        // Nothing half-written stays behind.
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
-    if args.out.exists() {
-        std::fs::remove_dir_all(&args.out)
-            .with_context(|| format!("replacing {}", args.out.display()))?;
-    }
-    std::fs::rename(&tmp, &args.out)
-        .with_context(|| format!("moving the files to {}", args.out.display()))?;
     eprintln!(
         "wrote the deployment of {} ({}) to {}; next steps in {}",
         plan.name,

@@ -99,12 +99,6 @@ impl BackgroundFile {
             None => Ok(()),
         }
     }
-
-    /// Writes what is buffered, waits for the thread and syncs the file to disk.
-    pub fn finish(mut self) -> io::Result<()> {
-        self.send_buffer()?;
-        self.join()
-    }
 }
 
 impl Write for BackgroundFile {
@@ -240,7 +234,8 @@ mod tests {
         assert_eq!(std::fs::read(&path)?.len(), want.len());
         w.write_all(b"tail")?;
         want.extend_from_slice(b"tail");
-        w.finish()?;
+        w.flush()?;
+        drop(w);
         assert!(std::fs::read(&path)? == want);
         Ok(())
     }
@@ -263,7 +258,7 @@ mod tests {
         let err = match failed {
             Some(e) => e,
             None => w
-                .finish()
+                .flush()
                 .expect_err("writing to a read-only file must fail"),
         };
         assert_eq!(err.raw_os_error(), Some(libc::EBADF), "{err}");
