@@ -1103,9 +1103,8 @@ fn the_official_openai_client_works_with_every_parameter() {
     let (addr, _stop) = start(model_dir(), settings);
     let url = format!("http://{addr}/v1");
     let args = [std::ffi::OsStr::new(&url), std::ffi::OsStr::new("k3y")];
-    if let Some(result) = carrot_tests::run_python_script("openai", "openai_client.py", &args) {
-        if let Err(report) = result {
-            panic!("the OpenAI client failed:\n{report}");
-        }
+    if let Some(Err(report)) = carrot_tests::run_python_script("openai", "openai_client.py", &args)
+    {
+        panic!("the OpenAI client failed:\n{report}");
     }
 }
