@@ -87,17 +87,15 @@ pub fn export_fixture_as(
     let root = repo_root()?;
     let tokenizer = llama3_tokenizer_dir()?;
     let plan = carrot_export::pipeline::ExportPlan {
-        model: root.join("fixtures/models").join(name),
-        out: out.to_path_buf(),
-        base: None,
-        loras: Vec::new(),
-        vision_tower: None,
-        format,
         flavor: flavor.into(),
         logits,
         force: true,
         progress,
-        stream_elements: carrot_graphs::nn::STREAM_ELEMENTS,
+        ..carrot_export::pipeline::ExportPlan::new(
+            root.join("fixtures/models").join(name),
+            out.to_path_buf(),
+            format,
+        )
     };
     let summary = carrot_export::pipeline::export(&plan)
         .with_context(|| format!("exporting fixture {name}"))?;

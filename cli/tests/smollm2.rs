@@ -130,19 +130,8 @@ fn smollm2_greedy_generation_equals_transformers() {
 
     let tmp = tempfile::tempdir().expect("temporary directory");
     let out = tmp.path().join("smollm2-fp32");
-    let plan = ExportPlan {
-        model: hf.clone(),
-        out: out.clone(),
-        base: None,
-        loras: Vec::new(),
-        vision_tower: None,
-        format: WeightFormat::Float(DType::F32),
-        flavor: "portable".into(),
-        logits: Logits::Last, // carrot-export's default
-        force: false,
-        progress: false,
-        stream_elements: carrot_graphs::nn::STREAM_ELEMENTS,
-    };
+    // carrot-export's defaults (logits for the last position) in fp32.
+    let plan = ExportPlan::new(hf.clone(), out.clone(), WeightFormat::Float(DType::F32));
     export(&plan).unwrap_or_else(|e| panic!("exporting {}: {e}", hf.display()));
     let exported = start.elapsed();
 
@@ -280,17 +269,8 @@ struct PerplexityScore {
 fn smollm2_perplexity(hf: &Path, dir: &Path, format: WeightFormat, ids: &[u32]) -> f64 {
     let out = dir.join(format.name());
     let plan = ExportPlan {
-        model: hf.to_path_buf(),
-        out: out.clone(),
-        base: None,
-        loras: Vec::new(),
-        vision_tower: None,
-        format,
-        flavor: "portable".into(),
         logits: Logits::All,
-        force: false,
-        progress: false,
-        stream_elements: carrot_graphs::nn::STREAM_ELEMENTS,
+        ..ExportPlan::new(hf.to_path_buf(), out.clone(), format)
     };
     export(&plan)
         .unwrap_or_else(|e| panic!("exporting {} as {}: {e}", hf.display(), format.name()));

@@ -78,12 +78,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         format = format.with_block_size(bs);
     }
     let plan = ExportPlan {
-        model: cli.model,
-        out: cli.out,
         base: cli.base,
         loras: cli.loras,
         vision_tower: cli.vision_tower,
-        format,
         flavor: cli.flavor,
         logits: if cli.logits == "last" {
             Logits::Last
@@ -92,7 +89,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         },
         force: cli.force,
         progress: !cli.quiet,
-        stream_elements: carrot_graphs::nn::STREAM_ELEMENTS,
+        ..ExportPlan::new(cli.model, cli.out, format)
     };
     let summary = pipeline::export(&plan)?;
     eprintln!(

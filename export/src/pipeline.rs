@@ -115,6 +115,27 @@ pub struct ExportPlan {
     pub stream_elements: usize,
 }
 
+impl ExportPlan {
+    /// `carrot-export --model MODEL --out OUT` in `format` with the command line's other defaults:
+    /// no base, adapters or vision tower of its own, the portable flavor, logits for the last
+    /// position, no `--force`, no progress bars, large matrices streamed.
+    pub fn new(model: PathBuf, out: PathBuf, format: WeightFormat) -> Self {
+        Self {
+            model,
+            out,
+            base: None,
+            loras: Vec::new(),
+            vision_tower: None,
+            format,
+            flavor: "portable".into(),
+            logits: Logits::Last,
+            force: false,
+            progress: false,
+            stream_elements: carrot_graphs::nn::STREAM_ELEMENTS,
+        }
+    }
+}
+
 /// What was written.
 #[derive(Debug, Clone)]
 pub struct ExportSummary {

@@ -87,17 +87,11 @@ impl Layout {
             Layout::TextOnlyRslora => ("llama-base-tiny", None, vec!["lora-rslora-tiny"], None),
         };
         ExportPlan {
-            model: fixture_model(model),
-            out: out.to_path_buf(),
             base: base.map(fixture_model),
             loras: loras.into_iter().map(fixture_model).collect(),
             vision_tower: tower.map(fixture_model),
-            format,
-            flavor: "portable".into(),
             logits: Logits::All,
-            force: false,
-            progress: false,
-            stream_elements: carrot_graphs::nn::STREAM_ELEMENTS,
+            ..ExportPlan::new(fixture_model(model), out.to_path_buf(), format)
         }
     }
 }
