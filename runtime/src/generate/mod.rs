@@ -14,6 +14,7 @@
 
 mod generator;
 pub mod sampling;
+mod sequence;
 pub mod stream;
 
 #[doc(hidden)]
@@ -22,7 +23,8 @@ pub mod fake;
 use std::num::NonZeroUsize;
 use std::ops::Range;
 
-pub use generator::{Generation, MAX_TOP_LOGPROBS, TokenLogprob, generate};
+pub use generator::{Generation, generate};
+pub use sequence::{MAX_TOP_LOGPROBS, Sequence, TokenLogprob, Work};
 pub use sampling::{Sampler, SamplingOptions};
 pub use stream::{Decode, TextStream};
 
