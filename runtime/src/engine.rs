@@ -14,6 +14,10 @@ use half::{bf16, f16};
 use ort::session::Session;
 use ort::value::{DynValue, Tensor};
 
+mod batch;
+
+pub use batch::{BatchCache, RowOutcome, Running};
+
 use crate::device::{Device, DeviceError};
 use crate::generate::{BoxError, Model, Segment, StepInput};
 pub use crate::host_rows::{ActDType, HostRows};
@@ -345,7 +349,7 @@ impl Engine {
     }
 
     /// Run embed.onnx on `ids` → `[ids.len(), hidden]` rows.
-    fn embed(&mut self, ids: &[u32]) -> Result<HostRows, EngineError> {
+    pub(crate) fn embed(&mut self, ids: &[u32]) -> Result<HostRows, EngineError> {
         let ids64: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
         let input = Tensor::from_array((vec![1usize, ids.len()], ids64))
             .map_err(|e| run_err("input_ids", e))?;
@@ -417,19 +421,15 @@ impl Engine {
         })
     }
 
-    /// Runs the decoder on the new positions of `input` (extending `cache`) and hands the logits
-    /// it returned — `[rows, vocab]`, every new position when the manifest says `logits: "all"`,
-    /// else only the last — to `read`, without copying them.
-    pub fn run_decoder<T>(
+    /// The embeddings of `segments`: text rows from embed.onnx (one run for all of them) and
+    /// image rows from `images`, in order.
+    pub(crate) fn input_embeds(
         &mut self,
-        cache: &mut KvCache,
-        input: &StepInput<'_, ImageFeatures>,
-        read: impl FnOnce(&[f32], usize) -> T,
-    ) -> Result<T, EngineError> {
+        segments: &[Segment<'_>],
+        images: &[ImageFeatures],
+    ) -> Result<HostRows, EngineError> {
         let hidden = self.manifest.text.hidden_size;
-        let seq = input.seq_len();
-        let text_ids: Vec<u32> = input
-            .segments
+        let text_ids: Vec<u32> = segments
             .iter()
             .filter_map(|s| match s {
                 Segment::Tokens(ids) => Some(ids.iter().copied()),
@@ -444,7 +444,7 @@ impl Engine {
         };
         let mut embeds = HostRows::empty(self.act);
         let mut text_row = 0;
-        for segment in input.segments {
+        for segment in segments {
             match segment {
                 Segment::Tokens(ids) => {
                     embeds.extend_from(
@@ -455,8 +455,7 @@ impl Engine {
                     text_row += ids.len();
                 }
                 Segment::Image { index, rows } => {
-                    let image = input
-                        .images
+                    let image = images
                         .get(*index)
                         .ok_or_else(|| run_err("inputs_embeds", format!("no image {index}")))?;
                     if image.hidden != hidden || rows.end > image.rows {
@@ -472,6 +471,21 @@ impl Engine {
                 }
             }
         }
+        Ok(embeds)
+    }
+
+    /// Runs the decoder on the new positions of `input` (extending `cache`) and hands the logits
+    /// it returned — `[rows, vocab]`, every new position when the manifest says `logits: "all"`,
+    /// else only the last — to `read`, without copying them.
+    pub fn run_decoder<T>(
+        &mut self,
+        cache: &mut KvCache,
+        input: &StepInput<'_, ImageFeatures>,
+        read: impl FnOnce(&[f32], usize) -> T,
+    ) -> Result<T, EngineError> {
+        let hidden = self.manifest.text.hidden_size;
+        let seq = input.seq_len();
+        let embeds = self.input_embeds(input.segments, input.images)?;
         if embeds.len() != seq * hidden {
             return Err(run_err(
                 "inputs_embeds",

@@ -214,3 +214,95 @@ pub fn run<T>(
         .map_err(|e| err("decoder.onnx", e))?;
     crate::engine::read_logits(&outputs, read)
 }
+
+/// Tensors over the rows `rows` of each buffer in `cache`, shaped `[rows.len(), kv_heads,
+/// capacity, head_dim]` and sharing the buffer's memory. A batch cache keeps its `n` rows in
+/// buffers of `n · kv_heads` heads; row `r` is its `kv_heads` heads from `r · kv_heads`, so
+/// consecutive rows are one contiguous tensor that ONNX Runtime can read and write in place.
+///
+/// # Safety
+/// The views alias `cache` without borrowing it: drop them before `cache` is grown, replaced
+/// or dropped, and run nothing else on those rows while they are bound.
+pub(crate) unsafe fn row_views(
+    cache: &mut [DynValue],
+    act: ActDType,
+    placement: Placement,
+    (kv_heads, head_dim): (usize, usize),
+    rows: std::ops::Range<usize>,
+) -> Result<Vec<DynValue>, EngineError> {
+    use ort::AsPointer;
+    let api = ort::api();
+    let capacity = capacity(cache);
+    let (element, elem_type) = match act {
+        ActDType::F32 => (
+            4,
+            ort::sys::ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+        ),
+        ActDType::F16 => (
+            2,
+            ort::sys::ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16,
+        ),
+        ActDType::BF16 => return Err(err("KV cache", "no shared cache for bfloat16")),
+    };
+    let memory = match placement {
+        Placement::Host => host_memory()?,
+        Placement::Cuda(id) => MemoryInfo::new(
+            AllocationDevice::CUDA,
+            id,
+            AllocatorType::Device,
+            MemoryType::Default,
+        )
+        .map_err(|e| err("KV cache memory info", e))?,
+    };
+    let row_bytes = kv_heads * capacity * head_dim * element;
+    let shape = [
+        rows.len() as i64,
+        kv_heads as i64,
+        capacity as i64,
+        head_dim as i64,
+    ];
+    let allocator = Allocator::default();
+    let mut views = Vec::with_capacity(cache.len());
+    for buffer in cache.iter_mut() {
+        let tensor = buffer
+            .view()
+            .downcast::<ort::value::DynTensorValueType>()
+            .map_err(|e| err("KV cache", e))?;
+        let total = tensor.memory_info().allocation_device();
+        debug_assert_eq!(total, memory.allocation_device());
+        let base = tensor.data_ptr().cast_mut().cast::<u8>();
+        // SAFETY: `rows` lies within the buffer (the caller's batch has that many rows of
+        // `row_bytes`), so the view covers memory the buffer owns.
+        let data = unsafe { base.add(rows.start * row_bytes) };
+        let mut out: *mut ort::sys::OrtValue = std::ptr::null_mut();
+        // SAFETY: plain FFI call with valid pointers; the tensor does not own `data`.
+        let status = unsafe {
+            (api.CreateTensorWithDataAsOrtValue)(
+                memory.ptr(),
+                data.cast(),
+                rows.len() * row_bytes,
+                shape.as_ptr(),
+                shape.len(),
+                elem_type,
+                &mut out,
+            )
+        };
+        if !status.0.is_null() {
+            // SAFETY: a non-null status is a valid OrtStatus that we release once read.
+            let message = unsafe {
+                let text = std::ffi::CStr::from_ptr((api.GetErrorMessage)(status.0))
+                    .to_string_lossy()
+                    .into_owned();
+                (api.ReleaseStatus)(status.0);
+                text
+            };
+            return Err(err("KV cache row view", message));
+        }
+        let out = std::ptr::NonNull::new(out).ok_or_else(|| err("KV cache row view", "null"))?;
+        // SAFETY: `out` is a new tensor value that this `DynValue` now owns (and releases);
+        // values made this way are bound without a defensive copy, so past and present share
+        // the buffer.
+        views.push(unsafe { DynValue::from_ptr(out, Some(&allocator)) });
+    }
+    Ok(views)
+}
