@@ -8,11 +8,12 @@
 //! - `POST /v1/chat/completions` → a `chat.completion`, or with `stream: true` server-sent
 //!   `chat.completion.chunk` events ending with `data: [DONE]`
 //!
-//! The pipeline runs on one dedicated thread ([`worker`]) and answers requests one at a time;
-//! handlers queue requests (at most [`Limits::max_queue`] wait) and read the answer back over a
-//! channel. The server listens on loopback only unless told otherwise, and then refuses
+//! The pipeline runs on one dedicated thread ([`worker`]) that batches up to
+//! [`Limits::max_batch`] requests continuously ([`batch`]); handlers queue requests (at most
+//! [`Limits::max_queue`] wait) and read the answer back over a channel. The server listens on loopback only unless told otherwise, and then refuses
 //! `file://` image URLs; it never fetches anything from the network.
 
+mod batch;
 mod convert;
 mod error;
 mod handlers;
@@ -67,9 +68,16 @@ pub struct ServeArgs {
     /// The model name in responses and /v1/models (default: the model directory's name).
     #[arg(long, value_name = "NAME")]
     pub served_model_name: Option<String>,
-    /// Most requests waiting while one is answered; more are refused with 503.
+    /// Most requests waiting while --max-batch are answered; more are refused with 429.
     #[arg(long, default_value_t = Limits::default().max_queue)]
     pub max_queue: usize,
+    /// Requests generating at once; with an `ort`-flavor export they decode in one batch.
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_batch, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256))]
+    pub max_batch: usize,
+    /// Prompt positions prefilled per step; a long prompt (an image) is split so the requests
+    /// already generating keep flowing.
+    #[arg(long, value_name = "N", default_value_t = Limits::default().prefill_chunk, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub prefill_chunk: usize,
     /// Seconds a request may take, queueing included; then it ends with a 503 error.
     #[arg(long, value_name = "SECONDS", default_value_t = Limits::default().request_timeout.as_secs())]
     pub request_timeout: u64,
@@ -95,6 +103,10 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Images whose features are kept for reuse.
     pub image_cache: usize,
+    /// Requests generating at once, in one batch.
+    pub max_batch: usize,
+    /// Prompt positions prefilled per step, between the decode steps of the others.
+    pub prefill_chunk: usize,
 }
 
 impl Default for Limits {
@@ -104,6 +116,8 @@ impl Default for Limits {
             request_timeout: Duration::from_secs(600),
             max_body_bytes: 32 << 20,
             image_cache: 16,
+            max_batch: 8,
+            prefill_chunk: 256,
         }
     }
 }
@@ -266,10 +280,15 @@ impl Loading {
             vision: pipeline.engine.has_vision(),
             file_urls: !self.app.allow_remote,
         };
+        let limits = &self.app.limits;
         let (worker, queue) = Worker::spawn(
             pipeline,
-            self.app.limits.max_queue,
-            self.app.limits.image_cache,
+            worker::WorkerLimits {
+                max_queue: limits.max_queue,
+                max_batch: limits.max_batch,
+                prefill_chunk: limits.prefill_chunk,
+                image_cache: limits.image_cache,
+            },
             self.app.metrics.clone(),
         )
         .map_err(ServeError::Worker)?;
@@ -339,6 +358,8 @@ pub fn run(args: &ServeArgs, load: &LoadOptions) -> anyhow::Result<()> {
             max_queue: args.max_queue,
             request_timeout: Duration::from_secs(args.request_timeout),
             image_cache: args.image_cache,
+            max_batch: args.max_batch,
+            prefill_chunk: args.prefill_chunk,
             ..Limits::default()
         },
         api_key,

@@ -1,29 +1,32 @@
-//! The model worker: one thread owns the pipeline and answers queued requests one at a time,
-//! sending each request's text back over its own channel as it is generated.
+//! The model worker: one thread owns the pipeline and answers queued requests, up to
+//! `max_batch` at once, sending each request's text back over its own channel as it is
+//! generated.
 //!
-//! Between requests it keeps two caches: image features by the content of the preprocessed
-//! pixels (a repeated image is not encoded again), and the KV cache of the last request with
-//! the ids it holds, so a request that continues that conversation prefills only what follows
-//! their common prefix.
+//! Requests are batched continuously ([`super::batch`]): each takes a row of one batch cache as
+//! soon as a row is free, its prompt is prefilled a chunk per step between the decode steps of
+//! the others, and it leaves when done, freeing its row for the next request in the queue.
+//! Requests are admitted in arrival order; at most `max_queue` wait.
+//!
+//! The worker keeps image features by the content of the preprocessed pixels (a repeated image
+//! is not encoded again), and each row keeps what its last request left, so a request that
+//! continues that conversation prefills only what follows their common prefix.
 //!
 //! A request stops early when its client goes away (its reply channel closes), when a stop
 //! string occurs, or when its deadline passes.
 
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use super::convert::{JobInput, JobPrompt};
+use super::batch::Scheduler;
+use super::convert::JobInput;
 use super::error::ApiError;
 use super::metrics::Metrics;
 use super::openai::{LogprobEntry, TopLogprob};
-use super::stop::{Filtered, StopText};
-use carrot_runtime::engine::{ImageFeatures, KvCache};
-use carrot_runtime::generate::{Event, Generation, Request};
-use carrot_runtime::pipeline::{Pipeline, Prompt, split_prompt};
+use carrot_runtime::engine::ImageFeatures;
+use carrot_runtime::pipeline::Pipeline;
 
 /// What the worker reports about one request, in this order: `Started`; for each choice in
 /// turn any number of `Text` and its `ChoiceDone`; then `Done`. `Failed` may come at any point,
@@ -58,7 +61,11 @@ pub struct Job {
 
 impl Job {
     /// When the request arrived: its deadline is its arrival plus its timeout.
-    fn arrived(&self) -> Instant {
+    pub(super) fn client_gone(&self) -> bool {
+        self.replies.is_closed()
+    }
+
+    pub(super) fn arrived(&self) -> Instant {
         self.deadline - self.timeout
     }
 }
@@ -90,6 +97,19 @@ impl Queue {
     }
 }
 
+/// How the worker batches.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerLimits {
+    /// Requests waiting while others run.
+    pub max_queue: usize,
+    /// Requests generating at once (rows of the batch).
+    pub max_batch: usize,
+    /// Prompt positions prefilled per step.
+    pub prefill_chunk: usize,
+    /// Images whose features are kept.
+    pub image_cache: usize,
+}
+
 /// The worker thread; it ends once every [`Queue`] handle is dropped and the last job is done.
 #[derive(Debug)]
 pub struct Worker {
@@ -97,44 +117,19 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Starts the thread; at most `max_queue` requests wait while one runs.
+    /// Starts the thread.
     pub fn spawn(
         pipeline: Pipeline,
-        max_queue: usize,
-        image_cache: usize,
+        limits: WorkerLimits,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<(Worker, Queue)> {
-        let (jobs, mut rx) = mpsc::channel::<Job>(max_queue.max(1));
+        let (jobs, rx) = mpsc::channel::<Job>(limits.max_queue.max(1));
         let m = metrics.clone();
         let thread = std::thread::Builder::new()
             .name("carrot-model".into())
-            .spawn(move || {
-                let mut pipeline = pipeline;
-                let mut caches = Caches::new(image_cache);
-                while let Some(job) = rx.blocking_recv() {
-                    m.waiting.dec();
-                    m.running.inc();
-                    let replies = job.replies.clone();
-                    let started = Instant::now();
-                    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                        run(&mut pipeline, &mut caches, &job, &m)
-                    }));
-                    log_request(&job, started, &outcome);
-                    // Metrics are final before the last reply, so a client that reads them
-                    // after its answer sees its request counted.
-                    m.running.dec();
-                    m.finished(matches!(outcome, Ok(Ok(_))));
-                    let last = match outcome {
-                        Ok(Ok(done)) => done,
-                        Ok(Err(e)) => Some(Reply::Failed(e)),
-                        Err(_) => Some(Reply::Failed(ApiError::internal(
-                            "the model worker panicked on this request",
-                        ))),
-                    };
-                    if let Some(reply) = last {
-                        let _ = replies.send(reply);
-                    }
-                }
+            .spawn(move || match Scheduler::new(pipeline, limits, m) {
+                Ok(scheduler) => scheduler.run(rx),
+                Err(e) => tracing::error!("cannot start the model worker: {}", e.message),
             })?;
         Ok((
             Worker {
@@ -152,20 +147,26 @@ impl Worker {
     }
 }
 
+/// How a request ended, for its log line.
+pub(super) enum Outcome<'a> {
+    Ok {
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    ClientGone,
+    Error(&'a ApiError),
+}
+
 /// One structured line per request (`tracing` target `carrot::request`): id, outcome, tokens,
 /// time in the queue and in the model.
-fn log_request(
-    job: &Job,
-    started: Instant,
-    outcome: &std::thread::Result<Result<Option<Reply>, ApiError>>,
-) {
+pub(super) fn log_request(job: &Job, started: Instant, outcome: Outcome<'_>) {
     let queued_ms = (started - job.arrived()).as_secs_f64() * 1e3;
     let run_ms = started.elapsed().as_secs_f64() * 1e3;
     match outcome {
-        Ok(Ok(Some(Reply::Done {
+        Outcome::Ok {
             prompt_tokens,
             completion_tokens,
-        }))) => tracing::info!(
+        } => tracing::info!(
             target: "carrot::request",
             id = %job.id,
             outcome = "ok",
@@ -176,14 +177,14 @@ fn log_request(
             queued_ms = format_args!("{queued_ms:.1}"),
             run_ms = format_args!("{run_ms:.1}"),
         ),
-        Ok(Ok(_)) => tracing::info!(
+        Outcome::ClientGone => tracing::info!(
             target: "carrot::request",
             id = %job.id,
             outcome = "client_gone",
             queued_ms = format_args!("{queued_ms:.1}"),
             run_ms = format_args!("{run_ms:.1}"),
         ),
-        Ok(Err(e)) => tracing::warn!(
+        Outcome::Error(e) => tracing::warn!(
             target: "carrot::request",
             id = %job.id,
             outcome = "error",
@@ -192,11 +193,10 @@ fn log_request(
             queued_ms = format_args!("{queued_ms:.1}"),
             run_ms = format_args!("{run_ms:.1}"),
         ),
-        Err(_) => tracing::error!(target: "carrot::request", id = %job.id, outcome = "panic"),
     }
 }
 
-fn timed_out(job: &Job) -> ApiError {
+pub(super) fn timed_out(job: &Job) -> ApiError {
     ApiError::unavailable(
         "timeout",
         format!(
@@ -207,9 +207,9 @@ fn timed_out(job: &Job) -> ApiError {
 }
 
 /// Content hash of one preprocessed image.
-type ImageKey = [u8; 32];
+pub(super) type ImageKey = [u8; 32];
 
-fn image_key(pixels: &[f32]) -> ImageKey {
+pub(super) fn image_key(pixels: &[f32]) -> ImageKey {
     use sha2::Digest;
     const CHUNK: usize = 4096;
     let mut h = sha2::Sha256::new();
@@ -223,33 +223,22 @@ fn image_key(pixels: &[f32]) -> ImageKey {
     h.finalize().into()
 }
 
-/// What the worker keeps from one request to the next.
-struct Caches {
-    /// Most recently used first; at most `image_capacity` entries.
+/// Image features kept by content, most recently used first.
+pub(super) struct ImageCache {
     images: Vec<(ImageKey, ImageFeatures)>,
     image_capacity: usize,
-    last: Option<Resumable>,
 }
 
-/// The KV cache a finished request left, the ids (image sentinels included) whose positions it
-/// holds, and its images.
-struct Resumable {
-    cache: KvCache,
-    ids: Vec<i64>,
-    images: Vec<ImageKey>,
-}
-
-impl Caches {
-    fn new(image_capacity: usize) -> Self {
+impl ImageCache {
+    pub(super) fn new(image_capacity: usize) -> Self {
         Self {
             images: Vec::new(),
             image_capacity,
-            last: None,
         }
     }
 
     /// The features of each image: from the cache, or encoded (all misses in one batch).
-    fn features(
+    pub(super) fn features(
         &mut self,
         pipeline: &mut Pipeline,
         keys: &[ImageKey],
@@ -296,202 +285,7 @@ impl Caches {
     }
 }
 
-fn run(
-    pipeline: &mut Pipeline,
-    caches: &mut Caches,
-    job: &Job,
-    metrics: &Metrics,
-) -> Result<Option<Reply>, ApiError> {
-    let arrived = job.arrived();
-    let replies = &job.replies;
-    if replies.is_closed() {
-        return Ok(None);
-    }
-    if Instant::now() >= job.deadline {
-        return Err(timed_out(job));
-    }
-    let input = &job.input;
-    let prompt_ids = match &input.prompt {
-        JobPrompt::Turns(turns) => {
-            pipeline.prompt_ids(&Prompt::Conversation(turns.clone()), input.images.len())?
-        }
-        JobPrompt::Messages(messages) => pipeline
-            .tokenizer
-            .encode_chat(messages)
-            .map_err(carrot_runtime::pipeline::PipelineError::from)?
-            .into_iter()
-            .map(i64::from)
-            .collect(),
-    };
-    let pixels = pipeline.pixel_values(&input.images)?;
-    let sentinel = pipeline.engine.manifest.prompt.image_token_index;
-    let keys: Vec<ImageKey> = pixels.iter().map(|p| image_key(p)).collect();
-    let mut request = Request {
-        prompt: split_prompt(&prompt_ids, sentinel)?,
-        images: caches.features(pipeline, &keys, &pixels, metrics)?,
-        options: pipeline.options(&input.params),
-    };
-    let mut prompt_tokens = 0;
-    let mut completion_tokens = 0;
-    let mut first_token: Option<Instant> = None;
-    for index in 0..input.n {
-        if index > 0 {
-            // Each further choice samples on its own; it resumes from the cache the one before
-            // left, so only the prompt's last position is prefilled again.
-            request.options.sampling.seed = match input.params.seed {
-                Some(seed) => seed.wrapping_add(index as u64),
-                None => pipeline.options(&input.params).sampling.seed,
-            };
-        }
-        let choice = Choice {
-            index,
-            prompt_ids: &prompt_ids,
-            keys: &keys,
-            arrived,
-        };
-        let Some((positions, tokens)) = generate_choice(
-            pipeline,
-            caches,
-            job,
-            &request,
-            choice,
-            metrics,
-            &mut first_token,
-        )?
-        else {
-            return Ok(None);
-        };
-        prompt_tokens = positions;
-        completion_tokens += tokens;
-    }
-    metrics
-        .request_duration
-        .observe(arrived.elapsed().as_secs_f64());
-    Ok(Some(Reply::Done {
-        prompt_tokens,
-        completion_tokens,
-    }))
-}
-
-/// Which choice of a request [`generate_choice`] produces.
-#[derive(Clone, Copy)]
-struct Choice<'a> {
-    index: usize,
-    prompt_ids: &'a [i64],
-    keys: &'a [ImageKey],
-    arrived: Instant,
-}
-
-/// Generates one choice, streaming its text; returns the prompt's positions and the tokens
-/// generated, or `None` when the client went away.
-fn generate_choice(
-    pipeline: &mut Pipeline,
-    caches: &mut Caches,
-    job: &Job,
-    request: &Request<ImageFeatures>,
-    choice: Choice<'_>,
-    metrics: &Metrics,
-    first_token: &mut Option<Instant>,
-) -> Result<Option<(usize, usize)>, ApiError> {
-    let (replies, input) = (&job.replies, &job.input);
-    let prompt_ids = choice.prompt_ids;
-    // Continue from the last request's cache when this prompt starts with what it holds (same
-    // images): only the rest is prefilled.
-    let resume = match caches.last.take().filter(|last| last.images == choice.keys) {
-        Some(last) => {
-            let cached = pipeline.shared_positions(&last.ids, prompt_ids)?;
-            (cached > 0).then_some((last.cache, cached))
-        }
-        None => None,
-    };
-    let mut generation = match resume {
-        Some((cache, cached)) => Generation::resume(
-            &mut pipeline.engine,
-            &pipeline.tokenizer,
-            request,
-            cache,
-            cached,
-        )?,
-        None => Generation::new(&mut pipeline.engine, &pipeline.tokenizer, request)?,
-    };
-    if let Some(top) = input.logprobs {
-        generation = generation.with_logprobs(top);
-    }
-    metrics.prompt_tokens.inc_by(generation.prompt_len() as u64);
-    if choice.index == 0 {
-        let _ = replies.send(Reply::Started);
-    }
-    let mut last_token: Option<Instant> = None;
-    let mut token_seen = |metrics: &Metrics| {
-        let now = Instant::now();
-        match (last_token, *first_token) {
-            (None, None) => {
-                metrics
-                    .time_to_first_token
-                    .observe((now - choice.arrived).as_secs_f64());
-                *first_token = Some(now);
-            }
-            (Some(t), _) => metrics.inter_token_latency.observe((now - t).as_secs_f64()),
-            (None, Some(_)) => {}
-        }
-        metrics.generated_tokens.inc();
-        last_token = Some(now);
-    };
-
-    let index = choice.index;
-    let mut stop = StopText::new(input.stop.clone());
-    // Log-probabilities of tokens whose text the stop filter still holds back.
-    let mut pending: Vec<LogprobEntry> = Vec::new();
-    let finish_reason = loop {
-        if replies.is_closed() {
-            return Ok(None);
-        }
-        if Instant::now() >= job.deadline {
-            return Err(timed_out(job));
-        }
-        match generation.next_event()? {
-            Some(Event::Token { text_delta, .. }) => {
-                token_seen(metrics);
-                if let Some(lp) = generation.last_logprob() {
-                    pending.push(logprob_entry(&pipeline.tokenizer, lp));
-                }
-                match stop.push(&text_delta) {
-                    Filtered::Text(text) => send_text(replies, index, text, &mut pending),
-                    Filtered::Stopped(text) => {
-                        send_text(replies, index, text, &mut pending);
-                        break "stop";
-                    }
-                }
-            }
-            Some(Event::Done { finish_reason, .. }) => {
-                send_text(replies, index, stop.finish(), &mut pending);
-                break finish_reason.as_str();
-            }
-            None => break generation.finish_reason().map_or("length", |r| r.as_str()),
-        }
-    };
-    let _ = replies.send(Reply::ChoiceDone {
-        index,
-        finish_reason,
-    });
-    let (output, cache) = generation.into_parts();
-    metrics
-        .prompt_tokens_reused
-        .inc_by(output.reused_positions as u64);
-    // The cache holds the prompt and every generated token but the last.
-    if let Some((_, fed)) = output.token_ids.split_last() {
-        let mut ids = prompt_ids.to_vec();
-        ids.extend(fed.iter().map(|&id| i64::from(id)));
-        caches.last = Some(Resumable {
-            cache,
-            ids,
-            images: choice.keys.to_vec(),
-        });
-    }
-    Ok(Some((output.prompt_tokens, output.token_ids.len())))
-}
-
-fn send_text(
+pub(super) fn send_text(
     replies: &mpsc::UnboundedSender<Reply>,
     index: usize,
     text: String,
@@ -504,7 +298,7 @@ fn send_text(
 
 /// One token's entry of `choices[].logprobs.content`: its text as the tokenizer decodes it alone,
 /// those UTF-8 bytes, and its best alternatives.
-fn logprob_entry(
+pub(super) fn logprob_entry(
     tokenizer: &carrot_runtime::prompt::PromptTokenizer,
     lp: &carrot_runtime::generate::TokenLogprob,
 ) -> LogprobEntry {

@@ -1,0 +1,501 @@
+//! Continuous batching: the requests in flight, one per row of a [`BatchCache`], advanced
+//! together one step at a time ([`carrot_runtime::engine::Engine::step_rows`]: a prefill chunk
+//! for the earliest request still prefilling, then one decode step for all the others).
+//!
+//! Between steps the scheduler admits waiting requests into free rows (in arrival order), and
+//! ends requests whose client went away or whose deadline passed. A row keeps what its last
+//! request left (prompt and answer ids, images): a new request takes the free row that shares
+//! the longest prefix with it, and prefills only the rest.
+
+use std::num::NonZeroUsize;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use super::convert::JobPrompt;
+use super::error::ApiError;
+use super::metrics::Metrics;
+use super::openai::LogprobEntry;
+use super::stop::{Filtered, StopText};
+use super::worker::{
+    ImageCache, ImageKey, Job, Outcome, Reply, WorkerLimits, image_key, log_request,
+    logprob_entry, send_text, timed_out,
+};
+use carrot_runtime::engine::{BatchCache, ImageFeatures, Running};
+use carrot_runtime::generate::{Event, Request, Sequence};
+use carrot_runtime::pipeline::{PipelineError, Pipeline, Prompt, split_prompt};
+
+/// A request in flight on one row.
+struct Active {
+    job: Job,
+    started: Instant,
+    /// Arrival order; the earliest prefills first.
+    ticket: u64,
+    request: Request<ImageFeatures>,
+    prompt_ids: Vec<i64>,
+    keys: Vec<ImageKey>,
+    /// The choice being generated and its state.
+    choice: usize,
+    sequence: Sequence,
+    stop: StopText,
+    /// Log-probabilities of tokens whose text the stop filter still holds back.
+    pending: Vec<LogprobEntry>,
+    first_token: Option<Instant>,
+    last_token: Option<Instant>,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+}
+
+/// What a row holds for the next request: the ids (image sentinels included) whose positions
+/// are in its cache, and the images among them.
+#[derive(Default)]
+struct Held {
+    ids: Vec<i64>,
+    images: Vec<ImageKey>,
+    /// When the row was last released; the longest unused is reused first.
+    released: u64,
+}
+
+pub(super) struct Scheduler {
+    pipeline: Pipeline,
+    cache: BatchCache,
+    rows: Vec<Option<Active>>,
+    held: Vec<Held>,
+    images: ImageCache,
+    metrics: Arc<Metrics>,
+    prefill_chunk: NonZeroUsize,
+    tickets: u64,
+}
+
+impl Scheduler {
+    pub(super) fn new(
+        pipeline: Pipeline,
+        limits: WorkerLimits,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, ApiError> {
+        let rows = limits.max_batch.max(1);
+        let cache = pipeline
+            .engine
+            .batch_cache(rows)
+            .map_err(|e| ApiError::from(PipelineError::from(e)))?;
+        if !cache.is_batched() && rows > 1 {
+            tracing::info!(
+                "{}: this export's KV cache is not shared (kv_cache \"{}\"); its {rows} requests \
+                 in flight take turns instead of decoding in one batch (export with --flavor ort \
+                 to batch)",
+                pipeline.engine.dir.display(),
+                pipeline.engine.manifest.kv_cache
+            );
+        }
+        Ok(Self {
+            pipeline,
+            cache,
+            rows: (0..rows).map(|_| None).collect(),
+            held: (0..rows).map(|_| Held::default()).collect(),
+            images: ImageCache::new(limits.image_cache),
+            metrics,
+            prefill_chunk: NonZeroUsize::new(limits.prefill_chunk.max(1)).expect("at least one"),
+            tickets: 0,
+        })
+    }
+
+    /// Runs until every queue handle is dropped and the requests in flight are done.
+    pub(super) fn run(mut self, mut jobs: mpsc::Receiver<Job>) {
+        let mut open = true;
+        loop {
+            while open && self.rows.iter().any(Option::is_none) {
+                let idle = self.rows.iter().all(Option::is_none);
+                let job = if idle {
+                    jobs.blocking_recv()
+                } else {
+                    match jobs.try_recv() {
+                        Ok(job) => Some(job),
+                        Err(mpsc::error::TryRecvError::Empty) => break,
+                        Err(mpsc::error::TryRecvError::Disconnected) => None,
+                    }
+                };
+                match job {
+                    Some(job) => {
+                        self.metrics.waiting.dec();
+                        self.admit(job);
+                    }
+                    None => open = false,
+                }
+            }
+            if self.rows.iter().all(Option::is_none) {
+                if open {
+                    continue;
+                }
+                return;
+            }
+            self.expire();
+            let stepped = std::panic::catch_unwind(AssertUnwindSafe(|| self.step()));
+            if stepped.is_err() {
+                self.fail_all(&ApiError::internal(
+                    "the model worker panicked on a batch step",
+                ));
+            }
+        }
+    }
+
+    /// Takes `job` into a free row, or answers it with its error.
+    fn admit(&mut self, job: Job) {
+        self.metrics.running.inc();
+        let started = Instant::now();
+        if job.client_gone() {
+            self.end(job, started, Outcome::ClientGone, None);
+            return;
+        }
+        if Instant::now() >= job.deadline {
+            let e = timed_out(&job);
+            self.end(job, started, Outcome::Error(&e), Some(Reply::Failed(e.clone())));
+            return;
+        }
+        let prepared = std::panic::catch_unwind(AssertUnwindSafe(|| self.prepare(&job)))
+            .unwrap_or_else(|_| {
+                Err(ApiError::internal(
+                    "the model worker panicked on this request",
+                ))
+            });
+        let (mut request, prompt_ids, keys) = match prepared {
+            Ok(prepared) => prepared,
+            Err(e) => {
+                self.end(job, started, Outcome::Error(&e), Some(Reply::Failed(e.clone())));
+                return;
+            }
+        };
+        let row = self.pick_row(&prompt_ids, &keys);
+        let choice = Choice {
+            job: &job,
+            prompt_ids: &prompt_ids,
+            keys: &keys,
+            index: 0,
+        };
+        let sequence = match self.start_sequence(row, choice, &mut request) {
+            Ok(sequence) => sequence,
+            Err(e) => {
+                self.end(job, started, Outcome::Error(&e), Some(Reply::Failed(e.clone())));
+                return;
+            }
+        };
+        let _ = job.replies.send(Reply::Started);
+        let ticket = self.tickets;
+        self.tickets += 1;
+        self.rows[row] = Some(Active {
+            stop: StopText::new(job.input.stop.clone()),
+            job,
+            started,
+            ticket,
+            request,
+            prompt_ids,
+            keys,
+            choice: 0,
+            sequence,
+            pending: Vec::new(),
+            first_token: None,
+            last_token: None,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+        });
+    }
+
+    /// Prompt ids, the request with its images' features, and the images' content keys.
+    fn prepare(
+        &mut self,
+        job: &Job,
+    ) -> Result<(Request<ImageFeatures>, Vec<i64>, Vec<ImageKey>), ApiError> {
+        let pipeline = &mut self.pipeline;
+        let input = &job.input;
+        let prompt_ids = match &input.prompt {
+            JobPrompt::Turns(turns) => {
+                pipeline.prompt_ids(&Prompt::Conversation(turns.clone()), input.images.len())?
+            }
+            JobPrompt::Messages(messages) => pipeline
+                .tokenizer
+                .encode_chat(messages)
+                .map_err(PipelineError::from)?
+                .into_iter()
+                .map(i64::from)
+                .collect(),
+        };
+        let pixels = pipeline.pixel_values(&input.images)?;
+        let sentinel = pipeline.engine.manifest.prompt.image_token_index;
+        let keys: Vec<ImageKey> = pixels.iter().map(|p| image_key(p)).collect();
+        let mut options = pipeline.options(&input.params);
+        options.prefill_chunk = Some(self.prefill_chunk);
+        let request = Request {
+            prompt: split_prompt(&prompt_ids, sentinel)?,
+            images: self
+                .images
+                .features(pipeline, &keys, &pixels, &self.metrics)?,
+            options,
+        };
+        Ok((request, prompt_ids, keys))
+    }
+
+    /// The free row for a new request: the one sharing the longest prefix with it, else the
+    /// one unused longest.
+    fn pick_row(&self, prompt_ids: &[i64], keys: &[ImageKey]) -> usize {
+        let free = (0..self.rows.len()).filter(|&r| self.rows[r].is_none());
+        let shared = |r: usize| {
+            let held = &self.held[r];
+            if held.images != keys {
+                return 0;
+            }
+            held.ids
+                .iter()
+                .zip(prompt_ids)
+                .take_while(|(a, b)| a == b)
+                .count()
+        };
+        free.max_by_key(|&r| (shared(r), std::cmp::Reverse(self.held[r].released)))
+            .expect("admit is called with a free row")
+    }
+
+    /// A sequence for choice `choice.index` on `row`, resuming from what the row holds.
+    fn start_sequence(
+        &mut self,
+        row: usize,
+        choice: Choice<'_>,
+        request: &mut Request<ImageFeatures>,
+    ) -> Result<Sequence, ApiError> {
+        let held = std::mem::take(&mut self.held[row]);
+        let cached = if held.images == choice.keys {
+            self.pipeline
+                .shared_positions(&held.ids, choice.prompt_ids)?
+        } else {
+            0
+        };
+        let params = &choice.job.input.params;
+        if choice.index > 0 {
+            // Each further choice samples on its own.
+            request.options.sampling.seed = match params.seed {
+                Some(seed) => seed.wrapping_add(choice.index as u64),
+                None => self.pipeline.options(params).sampling.seed,
+            };
+        }
+        let nit = carrot_runtime::generate::Model::num_image_tokens(&self.pipeline.engine);
+        let mut sequence = Sequence::new(request, nit, cached).map_err(PipelineError::from)?;
+        if let Some(top) = choice.job.input.logprobs {
+            sequence = sequence.with_logprobs(top);
+        }
+        self.pipeline
+            .engine
+            .truncate_row(&mut self.cache, row, sequence.reused_positions())
+            .map_err(PipelineError::from)?;
+        self.metrics
+            .prompt_tokens
+            .inc_by(sequence.prompt_len() as u64);
+        self.metrics
+            .prompt_tokens_reused
+            .inc_by(sequence.reused_positions() as u64);
+        Ok(sequence)
+    }
+
+    /// Ends requests whose client is gone or whose deadline passed.
+    fn expire(&mut self) {
+        let now = Instant::now();
+        for row in 0..self.rows.len() {
+            let Some(active) = &self.rows[row] else {
+                continue;
+            };
+            if active.job.client_gone() {
+                self.release(row, false);
+                let active = self.rows[row].take().expect("checked");
+                self.end(active.job, active.started, Outcome::ClientGone, None);
+            } else if now >= active.job.deadline {
+                self.release(row, false);
+                let active = self.rows[row].take().expect("checked");
+                let e = timed_out(&active.job);
+                self.end(
+                    active.job,
+                    active.started,
+                    Outcome::Error(&e),
+                    Some(Reply::Failed(e.clone())),
+                );
+            }
+        }
+    }
+
+    /// One batch step, then what each row's event means for its request.
+    fn step(&mut self) {
+        let mut running: Vec<Option<Running<'_>>> = self
+            .rows
+            .iter_mut()
+            .map(|row| {
+                row.as_mut().map(|a| Running {
+                    request: &a.request,
+                    sequence: &mut a.sequence,
+                    ticket: a.ticket,
+                })
+            })
+            .collect();
+        let outcomes = self.pipeline.engine.step_rows(
+            &mut self.cache,
+            &mut running,
+            &self.pipeline.tokenizer,
+        );
+        drop(running);
+        for (row, outcome) in outcomes {
+            match outcome {
+                Ok(None) => {}
+                Ok(Some(Event::Token { text_delta, .. })) => self.token(row, &text_delta),
+                Ok(Some(Event::Done { finish_reason, .. })) => {
+                    self.choice_done(row, finish_reason.as_str());
+                }
+                Err(e) => self.fail(row, &ApiError::from(PipelineError::from(e))),
+            }
+        }
+    }
+
+    fn token(&mut self, row: usize, text_delta: &str) {
+        let Some(active) = self.rows[row].as_mut() else {
+            return;
+        };
+        let now = Instant::now();
+        let m = &self.metrics;
+        match (active.last_token, active.first_token) {
+            (None, None) => {
+                m.time_to_first_token
+                    .observe((now - active.job.arrived()).as_secs_f64());
+                active.first_token = Some(now);
+            }
+            (Some(t), _) => m.inter_token_latency.observe((now - t).as_secs_f64()),
+            (None, Some(_)) => {}
+        }
+        m.generated_tokens.inc();
+        active.last_token = Some(now);
+        if let Some(lp) = active.sequence.last_logprob() {
+            active
+                .pending
+                .push(logprob_entry(&self.pipeline.tokenizer, lp));
+        }
+        let replies = &active.job.replies;
+        match active.stop.push(text_delta) {
+            Filtered::Text(text) => send_text(replies, active.choice, text, &mut active.pending),
+            Filtered::Stopped(text) => {
+                send_text(replies, active.choice, text, &mut active.pending);
+                active.sequence.abort();
+                self.choice_done(row, "stop");
+            }
+        }
+    }
+
+    /// The current choice of `row` is done: report it, then start the next or end the request.
+    fn choice_done(&mut self, row: usize, finish_reason: &'static str) {
+        let Some(mut active) = self.rows[row].take() else {
+            return;
+        };
+        let index = active.choice;
+        let rest = active.stop.finish();
+        send_text(&active.job.replies, index, rest, &mut active.pending);
+        let _ = active.job.replies.send(Reply::ChoiceDone {
+            index,
+            finish_reason,
+        });
+        let output = active.sequence.output();
+        active.prompt_tokens = output.prompt_tokens;
+        active.completion_tokens += output.token_ids.len();
+        // The row holds the prompt and every generated token but the last.
+        if let Some((_, fed)) = output.token_ids.split_last() {
+            let mut ids = active.prompt_ids.clone();
+            ids.extend(fed.iter().map(|&id| i64::from(id)));
+            self.held[row] = Held {
+                ids,
+                images: active.keys.clone(),
+                released: self.tickets,
+            };
+        }
+        if active.choice + 1 < active.job.input.n {
+            active.choice += 1;
+            let choice = Choice {
+                job: &active.job,
+                prompt_ids: &active.prompt_ids,
+                keys: &active.keys,
+                index: active.choice,
+            };
+            match self.start_sequence(row, choice, &mut active.request) {
+                Ok(sequence) => {
+                    active.sequence = sequence;
+                    active.stop = StopText::new(active.job.input.stop.clone());
+                    active.last_token = None;
+                    self.rows[row] = Some(active);
+                }
+                Err(e) => self.end(
+                    active.job,
+                    active.started,
+                    Outcome::Error(&e),
+                    Some(Reply::Failed(e.clone())),
+                ),
+            }
+            return;
+        }
+        self.metrics
+            .request_duration
+            .observe(active.job.arrived().elapsed().as_secs_f64());
+        let (prompt_tokens, completion_tokens) = (active.prompt_tokens, active.completion_tokens);
+        self.end(
+            active.job,
+            active.started,
+            Outcome::Ok {
+                prompt_tokens,
+                completion_tokens,
+            },
+            Some(Reply::Done {
+                prompt_tokens,
+                completion_tokens,
+            }),
+        );
+    }
+
+    fn fail(&mut self, row: usize, e: &ApiError) {
+        self.release(row, false);
+        if let Some(active) = self.rows[row].take() {
+            self.end(
+                active.job,
+                active.started,
+                Outcome::Error(e),
+                Some(Reply::Failed(e.clone())),
+            );
+        }
+    }
+
+    fn fail_all(&mut self, e: &ApiError) {
+        for row in 0..self.rows.len() {
+            self.fail(row, e);
+        }
+    }
+
+    /// Forget what `row` holds unless `keep`: its cache is only partly known.
+    fn release(&mut self, row: usize, keep: bool) {
+        if !keep {
+            self.held[row] = Held {
+                released: self.tickets,
+                ..Held::default()
+            };
+        }
+    }
+
+    /// The request is over: metrics, its log line, and its last reply.
+    fn end(&self, job: Job, started: Instant, outcome: Outcome<'_>, last: Option<Reply>) {
+        log_request(&job, started, outcome);
+        // Metrics are final before the last reply, so a client that reads them after its
+        // answer sees its request counted.
+        self.metrics.running.dec();
+        self.metrics.finished(!matches!(last, Some(Reply::Failed(_))));
+        if let Some(reply) = last {
+            let _ = job.replies.send(reply);
+        }
+    }
+}
+
+/// Which choice of which request a sequence is for.
+#[derive(Clone, Copy)]
+struct Choice<'a> {
+    job: &'a Job,
+    prompt_ids: &'a [i64],
+    keys: &'a [ImageKey],
+    index: usize,
+}
