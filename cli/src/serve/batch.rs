@@ -54,8 +54,6 @@ struct Active {
 struct Held {
     ids: Vec<i64>,
     images: Vec<ImageKey>,
-    /// When the row was last released; the longest unused is reused first.
-    released: u64,
 }
 
 pub(super) struct Scheduler {
@@ -236,7 +234,8 @@ impl Scheduler {
     }
 
     /// The free row for a new request: the one sharing the longest prefix with it, else the
-    /// one unused longest.
+    /// lowest (a decode step runs every row up to the highest busy one, so busy rows are kept
+    /// low).
     fn pick_row(&self, prompt_ids: &[i64], keys: &[ImageKey]) -> usize {
         let free = (0..self.rows.len()).filter(|&r| self.rows[r].is_none());
         let shared = |r: usize| {
@@ -250,7 +249,7 @@ impl Scheduler {
                 .take_while(|(a, b)| a == b)
                 .count()
         };
-        free.max_by_key(|&r| (shared(r), std::cmp::Reverse(self.held[r].released)))
+        free.max_by_key(|&r| (shared(r), std::cmp::Reverse(r)))
             .expect("admit is called with a free row")
     }
 
@@ -302,11 +301,11 @@ impl Scheduler {
                 continue;
             };
             if active.job.client_gone() {
-                self.release(row, false);
+                self.forget(row);
                 let active = self.rows[row].take().expect("checked");
                 self.end(active.job, active.started, Outcome::ClientGone, None);
             } else if now >= active.job.deadline {
-                self.release(row, false);
+                self.forget(row);
                 let active = self.rows[row].take().expect("checked");
                 let e = timed_out(&active.job);
                 self.end(
@@ -405,7 +404,6 @@ impl Scheduler {
             self.held[row] = Held {
                 ids,
                 images: active.keys.clone(),
-                released: self.tickets,
             };
         }
         if active.choice + 1 < active.job.input.n {
@@ -451,7 +449,7 @@ impl Scheduler {
     }
 
     fn fail(&mut self, row: usize, e: &ApiError) {
-        self.release(row, false);
+        self.forget(row);
         if let Some(active) = self.rows[row].take() {
             self.end(
                 active.job,
@@ -468,14 +466,9 @@ impl Scheduler {
         }
     }
 
-    /// Forget what `row` holds unless `keep`: its cache is only partly known.
-    fn release(&mut self, row: usize, keep: bool) {
-        if !keep {
-            self.held[row] = Held {
-                released: self.tickets,
-                ..Held::default()
-            };
-        }
+    /// Forget what `row` holds: its request ended midway, so its cache is only partly known.
+    fn forget(&mut self, row: usize) {
+        self.held[row] = Held::default();
     }
 
     /// The request is over: metrics, its log line, and its last reply.

@@ -21,7 +21,7 @@ use ort::value::{DynValue, Tensor};
 
 use super::{Engine, EngineError, ImageFeatures, KvCache, run_err};
 use crate::generate::{
-    Decode, Event, GenerateError, Model, Request, Segment, Sequence, StepInput, Work,
+    Decode, Event, GenerateError, Model, Output, Request, Segment, Sequence, StepInput, Work,
     prompt_segments,
 };
 use crate::host_rows::HostRows;
@@ -150,6 +150,57 @@ impl Engine {
         }
         out.sort_by_key(|(row, _)| *row);
         out
+    }
+
+    /// Generates every request with continuous batching on `rows` rows: requests take rows in
+    /// order as rows free up, and each output is what [`crate::generate::generate`] gives for
+    /// that request alone.
+    pub fn generate_batch<D: Decode + ?Sized>(
+        &mut self,
+        requests: &[Request<ImageFeatures>],
+        rows: usize,
+        decoder: &D,
+    ) -> Result<Vec<Output>, GenerateError> {
+        let mut cache = self
+            .batch_cache(rows)
+            .map_err(|e| GenerateError::NewCache(Box::new(e)))?;
+        let num_image_tokens = self.num_image_tokens();
+        let mut slots: Vec<Option<(usize, Sequence)>> = (0..cache.rows()).map(|_| None).collect();
+        let mut outputs: Vec<Option<Output>> = vec![None; requests.len()];
+        let mut next = 0;
+        loop {
+            for (row, slot) in slots.iter_mut().enumerate() {
+                if slot.is_none() && next < requests.len() {
+                    let sequence = Sequence::new(&requests[next], num_image_tokens, 0)?;
+                    self.truncate_row(&mut cache, row, 0)
+                        .map_err(|e| GenerateError::NewCache(Box::new(e)))?;
+                    *slot = Some((next, sequence));
+                    next += 1;
+                }
+            }
+            if slots.iter().all(Option::is_none) {
+                break;
+            }
+            let mut running: Vec<Option<Running<'_>>> = slots
+                .iter_mut()
+                .map(|slot| {
+                    slot.as_mut().map(|(i, sequence)| Running {
+                        request: &requests[*i],
+                        sequence,
+                        ticket: *i as u64,
+                    })
+                })
+                .collect();
+            let outcomes = self.step_rows(&mut cache, &mut running, decoder);
+            drop(running);
+            for (row, outcome) in outcomes {
+                if let Some(Event::Done { .. }) = outcome? {
+                    let (i, sequence) = slots[row].take().expect("a running row");
+                    outputs[i] = Some(sequence.output());
+                }
+            }
+        }
+        Ok(outputs.into_iter().flatten().collect())
     }
 
     fn prefill_step<D: Decode + ?Sized>(
