@@ -1108,3 +1108,74 @@ fn the_official_openai_client_works_with_every_parameter() {
         panic!("the OpenAI client failed:\n{report}");
     }
 }
+
+/// Requests in flight together decode in one batch (an `ort`-flavor export, up to 4 rows, image
+/// prompts prefilled in chunks of 8 between the others' steps), and each answer equals the one
+/// the same server gives that request alone.
+#[test]
+fn concurrent_requests_batch_and_answer_as_they_do_alone() {
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("serve/carrot-tiny-ort-fp32");
+    carrot::demo::export_fixture_as(
+        "carrot-tiny",
+        &out,
+        carrot_export::pipeline::WeightFormat::Float(carrot_graphs::config::DType::F32),
+        "ort",
+        carrot_graphs::llama::Logits::Last,
+        false,
+    )
+    .unwrap_or_else(|e| panic!("exporting: {e:#}"));
+    let settings = Settings {
+        limits: Limits {
+            max_batch: 4,
+            prefill_chunk: 8,
+            ..Limits::default()
+        },
+        ..Settings::for_model_dir(&out)
+    };
+    let (addr, _stop) = start(&out, settings);
+    let questions = [
+        "What is in this picture?",
+        "Describe the animal.",
+        "What colour is the fur?",
+        "Is it day or night?",
+        "Count the eyes.",
+        "Where was this taken?",
+    ];
+    let bodies: Vec<Value> = questions
+        .iter()
+        .enumerate()
+        .map(|(i, q)| {
+            let message = if i % 2 == 0 {
+                image_message(q)
+            } else {
+                json!({"role": "user", "content": q})
+            };
+            json!({"messages": [message], "max_tokens": 6 + 3 * i, "temperature": 0})
+        })
+        .collect();
+    let answer = |body: &Value| {
+        let r = http(addr, "POST", "/v1/chat/completions", Some(body), &[]);
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()["choices"][0]["message"]["content"]
+            .as_str()
+            .expect("content")
+            .to_owned()
+    };
+    let alone: Vec<String> = bodies.iter().map(answer).collect();
+    let m = http(addr, "GET", "/metrics", None, &[]).body;
+    assert_eq!(
+        metric(&m, "carrot_decode_batch_size_sum"),
+        metric(&m, "carrot_decode_batch_size_count"),
+        "one request at a time decodes alone"
+    );
+    let together: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = bodies.iter().map(|b| s.spawn(|| answer(b))).collect();
+        handles.into_iter().map(|h| h.join().expect("client")).collect()
+    });
+    assert_eq!(together, alone, "answers in a batch vs alone");
+    let m = http(addr, "GET", "/metrics", None, &[]).body;
+    let steps = metric(&m, "carrot_decode_batch_size_count");
+    let rows = metric(&m, "carrot_decode_batch_size_sum");
+    assert!(rows > steps, "some decode steps ran several requests: {m}");
+    assert_eq!(metric(&m, "carrot_requests_total{outcome=\"ok\"}"), 12.0);
+}

@@ -320,6 +320,15 @@ impl Scheduler {
 
     /// One batch step, then what each row's event means for its request.
     fn step(&mut self) {
+        let decoding = self
+            .rows
+            .iter()
+            .flatten()
+            .filter(|a| !a.sequence.prefilling() && a.sequence.finish_reason().is_none())
+            .count();
+        if decoding > 0 {
+            self.metrics.decode_batch_size.observe(decoding as f64);
+        }
         let mut running: Vec<Option<Running<'_>>> = self
             .rows
             .iter_mut()

@@ -38,6 +38,7 @@ pub struct Metrics {
     pub time_to_first_token: Histogram,
     pub inter_token_latency: Histogram,
     pub request_duration: Histogram,
+    pub decode_batch_size: Histogram,
 }
 
 impl Default for Metrics {
@@ -59,6 +60,8 @@ impl Default for Metrics {
             inter_token_latency: Histogram::new(exponential_buckets(0.001, 2.0, 13)),
             // 10 ms … 655 s
             request_duration: Histogram::new(exponential_buckets(0.01, 2.0, 17)),
+            // 1 … 256
+            decode_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 9)),
         };
         registry.register(
             "requests_waiting",
@@ -82,7 +85,7 @@ impl Default for Metrics {
         );
         registry.register(
             "prompt_tokens_reused",
-            "Prompt positions taken from the previous request's KV cache instead of prefilled",
+            "Prompt positions taken from an earlier request's KV cache instead of prefilled",
             m.prompt_tokens_reused.clone(),
         );
         registry.register(
@@ -114,6 +117,11 @@ impl Default for Metrics {
             "request_duration_seconds",
             "From a request's arrival to its last token",
             m.request_duration.clone(),
+        );
+        registry.register(
+            "decode_batch_size",
+            "Requests decoding together in one decode step",
+            m.decode_batch_size.clone(),
         );
         Metrics { registry, ..m }
     }
