@@ -1179,3 +1179,17 @@ fn concurrent_requests_batch_and_answer_as_they_do_alone() {
     assert!(rows > steps, "some decode steps ran several requests: {m}");
     assert_eq!(metric(&m, "carrot_requests_total{outcome=\"ok\"}"), 12.0);
 }
+
+/// `response_format: json_schema` through the official OpenAI client's `parse` (a Pydantic
+/// model): sampled answers of the random-weight fixture always finish, parse and validate.
+#[test]
+fn structured_output_always_parses_and_validates() {
+    let (addr, _stop) = start(model_dir(), Settings::for_model_dir(model_dir()));
+    let url = format!("http://{addr}/v1");
+    let args = [std::ffi::OsStr::new(&url)];
+    if let Some(Err(report)) =
+        carrot_tests::run_python_script("openai", "structured_output.py", &args)
+    {
+        panic!("structured output failed:\n{report}");
+    }
+}

@@ -738,3 +738,71 @@ fn generate_with_deltas<D: Decode>(
     .expect("generates");
     (output, deltas)
 }
+
+/// A constraint masks the logits before sampling and sees every generated token: here two
+/// multiples of three below 90, then only end-of-sequence.
+#[test]
+fn a_token_constraint_decides_what_may_be_sampled() {
+    use std::sync::{Arc, Mutex};
+
+    struct MultiplesOfThree {
+        seen: Arc<Mutex<Vec<u32>>>,
+    }
+    impl carrot_runtime::generate::TokenConstraint for MultiplesOfThree {
+        fn mask(&mut self, logits: &mut [f32]) -> Result<(), carrot_runtime::generate::BoxError> {
+            let done = self.seen.lock().map_err(|e| e.to_string())?.len() >= 2;
+            for (id, logit) in logits.iter_mut().enumerate() {
+                let allowed = if done {
+                    id as u32 == EOS
+                } else {
+                    id % 3 == 0 && id < 90
+                };
+                if !allowed {
+                    *logit = f32::NEG_INFINITY;
+                }
+            }
+            Ok(())
+        }
+        fn commit(&mut self, id: u32) -> Result<(), carrot_runtime::generate::BoxError> {
+            self.seen.lock().map_err(|e| e.to_string())?.push(id);
+            Ok(())
+        }
+    }
+
+    // The unconstrained model would always answer EOS (the largest logit).
+    let mut model = FakeModel::fixed(0, (0..VOCAB).map(|i| i as f32).collect());
+    let request = request(vec![text(&[1, 2])], 0, defaults());
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let generation = Generation::new(&mut model, &NumberDecoder, &request)
+        .expect("valid request")
+        .with_constraint(Box::new(MultiplesOfThree { seen: seen.clone() }));
+    let events: Vec<Event> = generation.map(|e| e.expect("event")).collect();
+    let ids: Vec<u32> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Token { id, .. } => Some(*id),
+            Event::Done { .. } => None,
+        })
+        .collect();
+    assert_eq!(ids, vec![87, 87, EOS]);
+    assert_eq!(*seen.lock().expect("lock"), ids);
+
+    // A constraint that allows nothing is an error, not a token.
+    struct Nothing;
+    impl carrot_runtime::generate::TokenConstraint for Nothing {
+        fn mask(&mut self, logits: &mut [f32]) -> Result<(), carrot_runtime::generate::BoxError> {
+            logits.fill(f32::NEG_INFINITY);
+            Ok(())
+        }
+        fn commit(&mut self, _: u32) -> Result<(), carrot_runtime::generate::BoxError> {
+            Ok(())
+        }
+    }
+    let mut generation = Generation::new(&mut model, &NumberDecoder, &request)
+        .expect("valid request")
+        .with_constraint(Box::new(Nothing));
+    assert!(matches!(
+        generation.next_event(),
+        Err(GenerateError::NoCandidates)
+    ));
+}

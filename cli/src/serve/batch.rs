@@ -19,6 +19,7 @@ use super::error::ApiError;
 use super::metrics::Metrics;
 use super::openai::LogprobEntry;
 use super::stop::{Filtered, StopText};
+use super::structured::Grammars;
 use super::worker::{
     ImageCache, ImageKey, Job, Outcome, Reply, WorkerLimits, image_key, log_request,
     logprob_entry, send_text, timed_out,
@@ -62,6 +63,7 @@ pub(super) struct Scheduler {
     rows: Vec<Option<Active>>,
     held: Vec<Held>,
     images: ImageCache,
+    grammars: Grammars,
     metrics: Arc<Metrics>,
     prefill_chunk: NonZeroUsize,
     tickets: u64,
@@ -93,6 +95,7 @@ impl Scheduler {
             rows: (0..rows).map(|_| None).collect(),
             held: (0..rows).map(|_| Held::default()).collect(),
             images: ImageCache::new(limits.image_cache),
+            grammars: Grammars::new(),
             metrics,
             prefill_chunk: NonZeroUsize::new(limits.prefill_chunk.max(1)).expect("at least one"),
             tickets: 0,
@@ -279,6 +282,16 @@ impl Scheduler {
         let mut sequence = Sequence::new(request, nit, cached).map_err(PipelineError::from)?;
         if let Some(top) = choice.job.input.logprobs {
             sequence = sequence.with_logprobs(top);
+        }
+        if let Some(format) = &choice.job.input.response_format {
+            let engine = &self.pipeline.engine;
+            let constraint = self.grammars.constraint(
+                format,
+                &engine.dir,
+                engine.manifest.text.vocab_size,
+                &request.options.eos_token_ids,
+            )?;
+            sequence = sequence.with_constraint(constraint);
         }
         self.pipeline
             .engine

@@ -62,6 +62,8 @@ pub struct JobInput {
     pub logprobs: Option<usize>,
     /// Choices to generate (they share the prompt's prefill).
     pub n: usize,
+    /// Constrain the answer to JSON (`response_format`).
+    pub response_format: Option<super::structured::ResponseFormat>,
 }
 
 /// A message with its content resolved into text and images.
@@ -185,6 +187,10 @@ pub fn job_input(request: ChatRequest, caps: &Capabilities) -> Result<JobInput, 
         }
         Template::Bunny | Template::Raw => turns(messages, caps.template)?,
     };
+    let response_format = match &request.response_format {
+        Some(value) => super::structured::parse(value)?,
+        None => None,
+    };
     Ok(JobInput {
         prompt,
         images,
@@ -192,6 +198,7 @@ pub fn job_input(request: ChatRequest, caps: &Capabilities) -> Result<JobInput, 
         stop,
         logprobs,
         n,
+        response_format,
     })
 }
 

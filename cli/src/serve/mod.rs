@@ -21,6 +21,7 @@ mod image_url;
 pub mod metrics;
 mod openai;
 mod stop;
+mod structured;
 mod worker;
 
 use std::future::Future;

@@ -41,6 +41,9 @@ pub struct ChatRequest {
     /// With `logprobs`: the most likely alternatives per token, 0 to 20.
     #[serde(default)]
     pub top_logprobs: Option<u64>,
+    /// `{"type": "text" | "json_object" | "json_schema", "json_schema": {"schema": …}}`.
+    #[serde(default)]
+    pub response_format: Option<serde_json::Value>,
 }
 
 /// `choices[].logprobs`: one entry per generated token.

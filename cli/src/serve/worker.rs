@@ -327,6 +327,7 @@ pub(super) fn logprob_entry(
 mod tests {
     use axum::response::IntoResponse;
 
+    use super::super::convert::JobPrompt;
     use super::*;
 
     #[test]
@@ -346,6 +347,7 @@ mod tests {
                 stop: Vec::new(),
                 logprobs: None,
                 n: 1,
+                response_format: None,
             },
             deadline: Instant::now(),
             timeout: Duration::ZERO,

@@ -97,6 +97,12 @@ impl<'a, M: Model, D: Decode + ?Sized> Generation<'a, M, D> {
         self
     }
 
+    /// Sample only tokens that `constraint` allows (structured output).
+    pub fn with_constraint(mut self, constraint: Box<dyn super::TokenConstraint>) -> Self {
+        self.sequence = self.sequence.with_constraint(constraint);
+        self
+    }
+
     /// The last generated token's log-probabilities, when asked for with
     /// [`Generation::with_logprobs`].
     pub fn last_logprob(&self) -> Option<&TokenLogprob> {

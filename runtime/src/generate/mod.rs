@@ -24,7 +24,7 @@ use std::num::NonZeroUsize;
 use std::ops::Range;
 
 pub use generator::{Generation, generate};
-pub use sequence::{MAX_TOP_LOGPROBS, Sequence, TokenLogprob, Work};
+pub use sequence::{MAX_TOP_LOGPROBS, Sequence, TokenConstraint, TokenLogprob, Work};
 pub use sampling::{Sampler, SamplingOptions};
 pub use stream::{Decode, TextStream};
 
@@ -236,6 +236,8 @@ pub enum GenerateError {
         #[source]
         source: BoxError,
     },
+    #[error("structured output: {0}")]
+    Constraint(#[source] BoxError),
     #[error("could not decode generated ids to text")]
     Decode(#[source] BoxError),
 }

@@ -130,7 +130,12 @@ impl Sampler {
             penalize(logits, &self.seen.ids, options.repetition_penalty);
         }
         let index = if options.is_greedy() {
-            argmax(logits)
+            let best = argmax(logits);
+            // Every logit masked (structured output) or not a number: nothing to pick.
+            if !(logits[best] > f32::NEG_INFINITY) {
+                return Err(GenerateError::NoCandidates);
+            }
+            best
         } else {
             if options.temperature != 1.0 {
                 apply_temperature(logits, options.temperature);

@@ -49,6 +49,14 @@ pub(crate) fn token_logprob(logits: &[f32], id: u32, top: usize) -> TokenLogprob
     }
 }
 
+/// Restricts which tokens may come next, for structured output (a grammar or JSON schema).
+pub trait TokenConstraint {
+    /// Set the logits of every token that may not come next to negative infinity.
+    fn mask(&mut self, logits: &mut [f32]) -> Result<(), super::BoxError>;
+    /// `id` was generated.
+    fn commit(&mut self, id: u32) -> Result<(), super::BoxError>;
+}
+
 /// What a sequence needs next.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Work {
@@ -72,7 +80,6 @@ enum State {
 /// A generation's bookkeeping: prompt progress, sampler, text stream, stop conditions and
 /// timings. Ask [`Sequence::next_work`] what to run, run it, and hand the logits it returned to
 /// [`Sequence::record`].
-#[derive(Debug)]
 pub struct Sequence {
     sampler: Sampler,
     stream: TextStream,
@@ -91,6 +98,18 @@ pub struct Sequence {
     started: Option<Instant>,
     /// With [`Sequence::with_logprobs`]: how many alternatives to report, and the last token's.
     logprobs: Option<(usize, Option<TokenLogprob>)>,
+    constraint: Option<Box<dyn TokenConstraint>>,
+}
+
+impl std::fmt::Debug for Sequence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sequence")
+            .field("prompt_len", &self.prompt_len)
+            .field("state", &self.state)
+            .field("generated", &self.stream.ids().len())
+            .field("constrained", &self.constraint.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Sequence {
@@ -142,6 +161,7 @@ impl Sequence {
             reused,
             started: None,
             logprobs: None,
+            constraint: None,
         })
     }
 
@@ -152,9 +172,11 @@ impl Sequence {
         self
     }
 
-    /// Prefill at most `chunk` positions per step from now on.
-    pub fn set_prefill_chunk(&mut self, chunk: NonZeroUsize) {
-        self.chunk = chunk.get();
+    /// Sample only tokens that `constraint` allows (log-probabilities still describe the
+    /// model's own distribution).
+    pub fn with_constraint(mut self, constraint: Box<dyn TokenConstraint>) -> Self {
+        self.constraint = Some(constraint);
+        self
     }
 
     /// The last generated token's log-probabilities, when asked for.
@@ -245,8 +267,14 @@ impl Sequence {
             }
         }
         let raw = self.logprobs.as_ref().map(|_| logits.to_vec());
+        if let Some(constraint) = self.constraint.as_mut() {
+            constraint.mask(logits).map_err(GenerateError::Constraint)?;
+        }
         let id = self.sampler.sample(logits)?;
         self.sampler.observe(&[id]);
+        if let Some(constraint) = self.constraint.as_mut() {
+            constraint.commit(id).map_err(GenerateError::Constraint)?;
+        }
         if let (Some((top, last)), Some(raw)) = (self.logprobs.as_mut(), raw) {
             *last = Some(token_logprob(&raw, id, *top));
         }
