@@ -5,13 +5,15 @@ for T seconds on loopback, streaming, some requests with an image.
 Usage:
   python3 bench/loadgen.py --url http://127.0.0.1:8080 [--clients 16] [--seconds 60]
                            [--max-tokens 64] [--image fixtures/images/chelsea.png --image-every 4]
-                           [--server-pid PID] [--api-key KEY] [--json]
+                           [--server-pid PID] [--api-key KEY] [--check-exact] [--json]
 
 Each client sends one request at a time (greedy, `max_tokens` new tokens, `stream: true` with
 `stream_options.include_usage`) and starts the next as soon as the previous ends. Reports
 requests/s, aggregate generated tokens/s, p50/p99 time to first token and inter-token latency
 (from the arrival of content chunks), errors, and the server's peak RSS (`VmHWM` of --server-pid).
-Standard library only.
+With --check-exact it first asks each client's first question alone, one after another, then all
+at once, and reports how many answers in the batch equal the answer alone (greedy decoding must
+give the same tokens). Standard library only.
 """
 
 import argparse
@@ -106,6 +108,37 @@ def one_request(url, body, headers, stats):
         conn.close()
 
 
+def answer(url, body, headers):
+    """The content of a non-streamed answer to `body` (a JSON string)."""
+    u = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=600)
+    try:
+        conn.request("POST", "/v1/chat/completions", body=body, headers=headers)
+        resp = conn.getresponse()
+        data = resp.read()
+        if resp.status != 200:
+            return f"HTTP {resp.status}: {data[:200]!r}"
+        return json.loads(data)["choices"][0]["message"]["content"]
+    finally:
+        conn.close()
+
+
+def check_exact(url, bodies, headers):
+    """How many of `bodies` get the same answer in one concurrent batch as alone."""
+    alone = [answer(url, b, headers) for b in bodies]
+    together = [None] * len(bodies)
+
+    def ask(i):
+        together[i] = answer(url, bodies[i], headers)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(a == b for a, b in zip(alone, together))
+
+
 def peak_rss_mb(pid):
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -127,6 +160,8 @@ def main():
     ap.add_argument("--image-every", type=int, default=4, help="every Nth request of a client carries the image")
     ap.add_argument("--server-pid", type=int)
     ap.add_argument("--api-key")
+    ap.add_argument("--check-exact", action="store_true",
+                    help="first check that answers in a batch equal the answers alone")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = ap.parse_args()
 
@@ -139,8 +174,10 @@ def main():
             kind = "png" if args.image.lower().endswith(".png") else "jpeg"
             image_url = f"data:image/{kind};base64,{base64.b64encode(f.read()).decode()}"
 
-    def body(client, i):
+    def body(client, i, stream=True):
         text = PROMPTS[(client + i) % len(PROMPTS)]
+        if client >= len(PROMPTS):
+            text = f"{text} Answer as reader number {client}."
         content = text
         if image_url and args.image_every > 0 and i % args.image_every == 0:
             content = [{"type": "text", "text": "What is in this picture?"},
@@ -149,9 +186,13 @@ def main():
             "messages": [{"role": "user", "content": content}],
             "max_tokens": args.max_tokens,
             "temperature": 0,
-            "stream": True,
-            "stream_options": {"include_usage": True},
+            "stream": stream,
+            **({"stream_options": {"include_usage": True}} if stream else {}),
         })
+
+    exact = None
+    if args.check_exact:
+        exact = check_exact(args.url, [body(c, 0, stream=False) for c in range(args.clients)], headers)
 
     stats = Stats()
     deadline = time.perf_counter() + args.seconds
@@ -182,6 +223,7 @@ def main():
         "itl_p99_ms": percentile(stats.itl, 99) * 1e3,
         "errors": len(stats.errors),
         "server_peak_rss_mb": peak_rss_mb(args.server_pid) if args.server_pid else None,
+        "exact": exact,
     }
     if args.json:
         print(json.dumps(result))
@@ -193,6 +235,8 @@ def main():
               f"{result['ttft_p50_ms']:.0f} / {result['ttft_p99_ms']:.0f} | "
               f"{result['itl_p50_ms']:.1f} / {result['itl_p99_ms']:.1f} | {result['errors']} | "
               f"{'—' if rss is None else f'{rss:.0f}'} |")
+        if exact is not None:
+            print(f"\ntoken-exact: {exact} of {args.clients} answers in one batch equal the answers alone")
     for e in stats.errors[:5]:
         print(f"error: {e}", file=sys.stderr)
     if stats.requests == 0:
