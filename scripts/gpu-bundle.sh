@@ -3,8 +3,8 @@
 # GPU host with only the NVIDIA driver, the CUDA 13 / cuDNN 9 runtime libraries and Python 3:
 #   scripts/gpu-bundle.sh [OUT]          OUT defaults to target/gpu-bundle.tar.xz
 # The bundle holds stripped `carrot`, `carrot-export` (CUDA and TensorRT providers compiled in) and
-# `synth_carrot`, the carrot-tiny fixture (with the siglip-tiny tower it names), its golden tokens, a photo, the Llama 3 tokenizer and
-# scripts/gpu-run.sh. The ONNX Runtime GPU library is not in it: the run step takes its path.
+# `synth_carrot`, the carrot-tiny fixture (with the siglip-tiny tower it names), its golden tokens, a photo, the Llama 3 tokenizer,
+# scripts/gpu-run.sh and bench/loadgen.py. The ONNX Runtime GPU library is not in it: the run step takes its path.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -25,7 +25,7 @@ cp -r fixtures/models/carrot-tiny fixtures/models/siglip-tiny "$B/fixtures/model
 cp fixtures/images/chelsea.png "$B/fixtures/images/"
 cp fixtures/goldens/generate.json "$B/fixtures/goldens/"
 cp .cache/llama3-tokenizer/tokenizer.json .cache/llama3-tokenizer/tokenizer_config.json "$B/tokenizer/"
-cp scripts/gpu-run.sh "$B/"
+cp scripts/gpu-run.sh bench/loadgen.py "$B/"
 mkdir -p "$(dirname "$OUT")"
 tar -C "$STAGE" -cJf "$OUT" carrot-gpu
 echo "gpu-bundle: $OUT ($(du -h "$OUT" | cut -f1)); on the GPU host: tar xf it, then" >&2

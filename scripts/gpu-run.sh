@@ -4,7 +4,9 @@
 #   CARROT_ORT_LIB=/path/libonnxruntime.so.1.31.1 LD_LIBRARY_PATH=... carrot-gpu/gpu-run.sh [WORK]
 # Environment: DEVICE (default cuda; `tensorrt` where TensorRT is installed; `cpu` checks the bundle
 # itself anywhere), SYNTH_8B=1 to also generate, export and run a Carrot-8B-shaped int4 model
-# (needs about 25 GB of disk and a GPU with 10 GB). Every line of the result starts with GPU-CHECK.
+# (needs about 25 GB of disk and a GPU with 10 GB). Both also run `carrot serve --max-batch 16` under
+# bench/loadgen.py (1 and 8 clients on the tiny model, 1 and 16 on the 8B one) for the batched
+# figures. Every line of the result starts with GPU-CHECK.
 set -uo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 WORK="${1:-$HERE/work}"
@@ -49,6 +51,47 @@ sys.exit(0 if ok else 1)
 PY
 }
 
+# carrot serve with continuous batching on DEVICE: loadgen with each client count in turn (the
+# batch runs first check that answers in one batch equal the answers alone).
+serve_load() { # LABEL DIR SECONDS CLIENTS...
+  local label="$1" dir="$2" secs="$3" port=18181
+  shift 3
+  "$BIN/carrot" serve --model "$dir" --device "$DEVICE" --port "$port" --max-batch 16 --max-queue 256 \
+    >"$WORK/$label.serve.log" 2>&1 &
+  local pid=$! ready=0
+  for _ in $(seq 1 1500); do
+    python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
+      "http://127.0.0.1:$port/ready" 2>/dev/null && { ready=1; break; }
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.2
+  done
+  if [[ $ready != 1 ]]; then
+    say "$label serve on $DEVICE: FAIL $(tail -1 "$WORK/$label.serve.log")"; kill "$pid" 2>/dev/null; return 1
+  fi
+  local c extra rc=0
+  for c in "$@"; do
+    extra=()
+    [[ $c -gt 1 ]] && extra=(--check-exact)
+    if python3 "$HERE/loadgen.py" --url "http://127.0.0.1:$port" --clients "$c" --seconds "$secs" \
+      --max-tokens 64 --server-pid "$pid" --json "${extra[@]}" >"$WORK/$label.$c.json" 2>"$WORK/$label.$c.err"; then
+      python3 - "$label on $DEVICE" "$WORK/$label.$c.json" <<'PY' || rc=1
+import json, sys
+r = json.load(open(sys.argv[2]))
+exact = "" if r["exact"] is None else f"; {r['exact']} of {r['clients']} greedy answers in one batch equal the answers alone"
+ok = r["errors"] == 0 and (r["exact"] is None or r["exact"] == r["clients"])
+print(f"GPU-CHECK {sys.argv[1]} serve --max-batch 16, {r['clients']} clients: {'PASS' if ok else 'FAIL'} "
+      f"{r['tokens_per_s']:.1f} tok/s, {r['requests_per_s']:.2f} req/s, TTFT p50/p99 {r['ttft_p50_ms']:.0f}/{r['ttft_p99_ms']:.0f} ms, "
+      f"ITL p50/p99 {r['itl_p50_ms']:.1f}/{r['itl_p99_ms']:.1f} ms, {r['errors']} errors{exact}")
+sys.exit(0 if ok else 1)
+PY
+    else
+      say "$label serve, $c clients: FAIL $(tail -1 "$WORK/$label.$c.err")"; rc=1
+    fi
+  done
+  kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
+  return $rc
+}
+
 status=0
 N="$(python3 -c "import json,sys; print(len(json.load(open(sys.argv[1]))['records']['carrot_image']['output_ids']))" "$HERE/fixtures/goldens/generate.json")"
 for spec in "fp32 portable exact" "fp16 portable half" "fp32 ort exact" "fp16 ort half" "int4 ort same-export"; do
@@ -69,6 +112,8 @@ for spec in "fp32 portable exact" "fp16 portable half" "fp32 ort exact" "fp16 or
   esac
 done
 
+serve_load tiny-fp32-ort "$WORK/tiny-fp32-ort" 5 1 8 || status=1
+
 if [[ "${SYNTH_8B:-0}" == 1 ]]; then
   "$BIN/synth_carrot" --out "$WORK/carrot-8b" >/dev/null 2>&1 || say "8B: FAIL synth_carrot"
   "$BIN/carrot-export" --model "$WORK/carrot-8b" --out "$WORK/carrot-8b-int4-ort" --dtype int4 --flavor ort -q \
@@ -82,6 +127,7 @@ tok_s = (d["generated_tokens"] - 1) / t["decode_ms"] * 1e3
 print(f"GPU-CHECK 8B int4 ort: load {t['load_ms']/1e3:.1f} s, vision {t['vision_ms']:.0f} ms, prefill {t['prefill_ms']:.0f} ms "
       f"({d['prompt_tokens']} positions), decode {tok_s:.1f} tok/s = {tok_s*gb:.0f} GB/s of decoder weights read")
 PY
+    serve_load 8B-int4-ort "$WORK/carrot-8b-int4-ort" 20 1 16 || status=1
   else
     say "8B on $DEVICE: FAIL $(tail -1 "$WORK/8b.err")"; status=1
   fi
