@@ -1170,7 +1170,10 @@ fn concurrent_requests_batch_and_answer_as_they_do_alone() {
     );
     let together: Vec<String> = std::thread::scope(|s| {
         let handles: Vec<_> = bodies.iter().map(|b| s.spawn(|| answer(b))).collect();
-        handles.into_iter().map(|h| h.join().expect("client")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("client"))
+            .collect()
     });
     assert_eq!(together, alone, "answers in a batch vs alone");
     let m = http(addr, "GET", "/metrics", None, &[]).body;

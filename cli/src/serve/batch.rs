@@ -21,12 +21,15 @@ use super::openai::LogprobEntry;
 use super::stop::{Filtered, StopText};
 use super::structured::Grammars;
 use super::worker::{
-    ImageCache, ImageKey, Job, Outcome, Reply, WorkerLimits, image_key, log_request,
-    logprob_entry, send_text, timed_out,
+    ImageCache, ImageKey, Job, Outcome, Reply, WorkerLimits, image_key, log_request, logprob_entry,
+    send_text, timed_out,
 };
 use carrot_runtime::engine::{BatchCache, ImageFeatures, Running};
 use carrot_runtime::generate::{Event, Request, Sequence};
-use carrot_runtime::pipeline::{PipelineError, Pipeline, Prompt, split_prompt};
+use carrot_runtime::pipeline::{Pipeline, PipelineError, Prompt, split_prompt};
+
+/// A request ready to run: its generation request, prompt ids and the images' content keys.
+type Prepared = (Request<ImageFeatures>, Vec<i64>, Vec<ImageKey>);
 
 /// A request in flight on one row.
 struct Active {
@@ -151,7 +154,12 @@ impl Scheduler {
         }
         if Instant::now() >= job.deadline {
             let e = timed_out(&job);
-            self.end(job, started, Outcome::Error(&e), Some(Reply::Failed(e.clone())));
+            self.end(
+                job,
+                started,
+                Outcome::Error(&e),
+                Some(Reply::Failed(e.clone())),
+            );
             return;
         }
         let prepared = std::panic::catch_unwind(AssertUnwindSafe(|| self.prepare(&job)))
@@ -163,7 +171,12 @@ impl Scheduler {
         let (mut request, prompt_ids, keys) = match prepared {
             Ok(prepared) => prepared,
             Err(e) => {
-                self.end(job, started, Outcome::Error(&e), Some(Reply::Failed(e.clone())));
+                self.end(
+                    job,
+                    started,
+                    Outcome::Error(&e),
+                    Some(Reply::Failed(e.clone())),
+                );
                 return;
             }
         };
@@ -177,7 +190,12 @@ impl Scheduler {
         let sequence = match self.start_sequence(row, choice, &mut request) {
             Ok(sequence) => sequence,
             Err(e) => {
-                self.end(job, started, Outcome::Error(&e), Some(Reply::Failed(e.clone())));
+                self.end(
+                    job,
+                    started,
+                    Outcome::Error(&e),
+                    Some(Reply::Failed(e.clone())),
+                );
                 return;
             }
         };
@@ -206,7 +224,7 @@ impl Scheduler {
     fn prepare(
         &mut self,
         job: &Job,
-    ) -> Result<(Request<ImageFeatures>, Vec<i64>, Vec<ImageKey>), ApiError> {
+    ) -> Result<Prepared, ApiError> {
         let pipeline = &mut self.pipeline;
         let input = &job.input;
         let prompt_ids = match &input.prompt {
@@ -265,8 +283,11 @@ impl Scheduler {
     ) -> Result<Sequence, ApiError> {
         let held = std::mem::take(&mut self.held[row]);
         let cached = if held.images == choice.keys {
+            // At most what the row still holds (a row that filled its context gives up its last
+            // position to later batch steps).
             self.pipeline
                 .shared_positions(&held.ids, choice.prompt_ids)?
+                .min(self.cache.len(row))
         } else {
             0
         };
@@ -353,11 +374,10 @@ impl Scheduler {
                 })
             })
             .collect();
-        let outcomes = self.pipeline.engine.step_rows(
-            &mut self.cache,
-            &mut running,
-            &self.pipeline.tokenizer,
-        );
+        let outcomes =
+            self.pipeline
+                .engine
+                .step_rows(&mut self.cache, &mut running, &self.pipeline.tokenizer);
         drop(running);
         for (row, outcome) in outcomes {
             match outcome {
@@ -499,7 +519,8 @@ impl Scheduler {
         // Metrics are final before the last reply, so a client that reads them after its
         // answer sees its request counted.
         self.metrics.running.dec();
-        self.metrics.finished(!matches!(last, Some(Reply::Failed(_))));
+        self.metrics
+            .finished(!matches!(last, Some(Reply::Failed(_))));
         if let Some(reply) = last {
             let _ = job.replies.send(reply);
         }

@@ -93,7 +93,8 @@ impl Grammars {
 fn factory(dir: &Path, vocab: usize, eos: &[u32]) -> Result<ParserFactory, String> {
     let path = dir.join("tokenizer.json");
     let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let json: Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let json: Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut tokens = llguidance::token_bytes_from_tokenizer_json(&json)
         .map_err(|e| format!("{}: {e}", path.display()))?;
     // Ids past the logits (tokens only the tokenizer knows, such as `<image>`) are never
@@ -146,10 +147,9 @@ impl TokenConstraint for Constraint {
 /// `response_format` as the request sent it.
 pub fn parse(value: &Value) -> Result<Option<ResponseFormat>, ApiError> {
     let bad = |message: String| ApiError::invalid("response_format", message);
-    let kind = value
-        .get("type")
-        .and_then(Value::as_str)
-        .ok_or_else(|| bad("response_format.type must be \"text\", \"json_object\" or \"json_schema\"".into()))?;
+    let kind = value.get("type").and_then(Value::as_str).ok_or_else(|| {
+        bad("response_format.type must be \"text\", \"json_object\" or \"json_schema\"".into())
+    })?;
     match kind {
         "text" => Ok(None),
         "json_object" => Ok(Some(ResponseFormat::JsonObject)),
@@ -193,7 +193,10 @@ mod tests {
         for (bad, needle) in [
             (json!({}), "response_format.type"),
             (json!({"type": "xml"}), "`xml` is not supported"),
-            (json!({"type": "json_schema"}), "json_schema.schema is required"),
+            (
+                json!({"type": "json_schema"}),
+                "json_schema.schema is required",
+            ),
             (
                 json!({"type": "json_schema", "json_schema": {"schema": 3}}),
                 "must be a JSON Schema object",
@@ -207,9 +210,13 @@ mod tests {
 
     #[test]
     fn whitespace_is_bounded_unless_the_schema_says_otherwise() {
-        let grammar = |format: ResponseFormat| serde_json::to_value(format.grammar()).expect("json");
+        let grammar =
+            |format: ResponseFormat| serde_json::to_value(format.grammar()).expect("json");
         let text = grammar(ResponseFormat::JsonObject).to_string();
-        assert!(text.contains("x-guidance") && text.contains("{1,64}"), "{text}");
+        assert!(
+            text.contains("x-guidance") && text.contains("{1,64}"),
+            "{text}"
+        );
         let own = json!({"type": "object", "x-guidance": {"whitespace_flexible": false}});
         let text = grammar(ResponseFormat::JsonSchema(own)).to_string();
         assert!(!text.contains("{1,64}"), "{text}");

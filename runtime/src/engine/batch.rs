@@ -107,10 +107,12 @@ impl Engine {
             match running.sequence.next_work() {
                 None | Some(Work::Prefill(_)) => {}
                 Some(Work::Finished(event)) => out.push((row, Ok(Some(event)))),
-                Some(Work::Decode { token, past_len }) => match self.expect_len(cache, row, past_len) {
-                    Ok(()) => decode.push((row, token)),
-                    Err(e) => out.push((row, Err(e))),
-                },
+                Some(Work::Decode { token, past_len }) => {
+                    match self.expect_len(cache, row, past_len) {
+                        Ok(()) => decode.push((row, token)),
+                        Err(e) => out.push((row, Err(e))),
+                    }
+                }
             }
         }
         if let Some((row, _)) = prefill {
@@ -321,7 +323,10 @@ impl Engine {
             ));
         }
         let inputs = vec![
-            (names::INPUTS_EMBEDS, embeds.into_value(vec![1, seq, hidden])?),
+            (
+                names::INPUTS_EMBEDS,
+                embeds.into_value(vec![1, seq, hidden])?,
+            ),
             (names::ATTENTION_MASK, int_value(vec![1, end], mask)?),
             (names::POSITION_IDS, int_value(vec![1, seq], positions)?),
         ];
@@ -343,7 +348,9 @@ impl Engine {
         if let Store::Separate(_) = cache.store {
             return tokens
                 .iter()
-                .map(|&(row, token)| self.prefill_row(cache, row, &[Segment::Tokens(&[token])], &[]))
+                .map(|&(row, token)| {
+                    self.prefill_row(cache, row, &[Segment::Tokens(&[token])], &[])
+                })
                 .collect();
         }
         let Some(n) = tokens.iter().map(|&(row, _)| row + 1).max() else {

@@ -24,8 +24,8 @@ use std::num::NonZeroUsize;
 use std::ops::Range;
 
 pub use generator::{Generation, generate};
-pub use sequence::{MAX_TOP_LOGPROBS, Sequence, TokenConstraint, TokenLogprob, Work};
 pub use sampling::{Sampler, SamplingOptions};
+pub use sequence::{MAX_TOP_LOGPROBS, Sequence, TokenConstraint, TokenLogprob, Work};
 pub use stream::{Decode, TextStream};
 
 /// Error type that model and tokenizer implementations hand back through the traits here.

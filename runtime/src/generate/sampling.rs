@@ -132,7 +132,7 @@ impl Sampler {
         let index = if options.is_greedy() {
             let best = argmax(logits);
             // Every logit masked (structured output) or not a number: nothing to pick.
-            if !(logits[best] > f32::NEG_INFINITY) {
+            if logits[best].is_nan() || logits[best] == f32::NEG_INFINITY {
                 return Err(GenerateError::NoCandidates);
             }
             best

@@ -71,8 +71,12 @@ pub enum Work {
 #[derive(Debug, Clone, Copy)]
 enum State {
     /// The first `done` positions of the prompt are in the cache.
-    Prefill { done: usize },
-    Decode { last: u32 },
+    Prefill {
+        done: usize,
+    },
+    Decode {
+        last: u32,
+    },
     Finishing,
     Done,
 }
