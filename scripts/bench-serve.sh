@@ -6,6 +6,7 @@
 # FORMAT (default int4) exports SmolLM2-135M-Instruct (scripts/fetch-smollm2.sh) with
 # `--flavor ort --dtype FORMAT` into target/bench-serve/ once. The batch run first checks that
 # every client's greedy answer in one batch equals its answer alone (loadgen --check-exact).
+# FEATURES (e.g. carrot/cuda) builds `carrot` with a GPU provider for --device cuda.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -31,7 +32,8 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 PYTHON="${PYTHON:-${CARROT_PYTHON:-python3}}"
-cargo build --release --locked -q -p carrot -p carrot-export --bin carrot --bin carrot-export
+cargo build --release --locked -q -p carrot -p carrot-export --bin carrot --bin carrot-export \
+  ${FEATURES:+--features "$FEATURES"}
 BIN=target/release
 if [[ -z "$MODEL" ]]; then
   MODEL="target/bench-serve/smollm2-$FORMAT-ort"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU parity check: build with the CUDA and TensorRT providers, run the GPU tests with CPU
-# fallback disabled, print a summary. Needs the onnxruntime-gpu 1.31.1 library with its CUDA 13 /
+# fallback disabled, measure batched serving (scripts/bench-serve.sh on cuda), print a summary.
+# Needs the onnxruntime-gpu 1.31.1 library with its CUDA 13 /
 # cuDNN 9 / TensorRT 10 dependencies on the machine: point CARROT_ORT_LIB at its
 # libonnxruntime.so (or have the Python package `onnxruntime-gpu` installed), and make the CUDA
 # libraries findable (LD_LIBRARY_PATH).
@@ -33,6 +34,13 @@ for feature in cuda tensorrt; do
     status=1
   fi
 done
+echo "== batched serving (SmolLM2 int4 ort, carrot serve --max-batch 16 on cuda) ==" | tee -a "$LOG"
+if FEATURES=carrot/cuda bash scripts/bench-serve.sh int4 --device cuda --seconds 10 >>"$LOG" 2>&1; then
+  grep -E "^\| (1|16) \||x the aggregate|token-exact" "$LOG" | sed 's/^/GPU-CHECK serve: /' | tee -a "$LOG"
+else
+  echo "gpu-check: batched serving FAILED (see $LOG)" | tee -a "$LOG"
+  status=1
+fi
 echo "== summary ==" | tee -a "$LOG"
 grep -E "GPU-CHECK|test result|panicked" "$LOG" | tee -a "$LOG.summary"
 exit $status

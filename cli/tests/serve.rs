@@ -784,6 +784,24 @@ fn repeated_images_and_continued_conversations_come_from_the_caches() {
         continued, fresh,
         "answer from the cached prefix vs a fresh prefill"
     );
+
+    // Turn 3 prefills only what follows turn 2's prompt and answer.
+    let turn3 = json!([
+        image_message(QUESTION),
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": "And what colour is it?"},
+        {"role": "assistant", "content": continued},
+        {"role": "user", "content": "Is it asleep?"}
+    ]);
+    let reused_before = metric(&m, "carrot_prompt_tokens_reused_total");
+    let (_, usage3) = chat_text(addr, &turn3);
+    let m = http(addr, "GET", "/metrics", None, &[]).body;
+    let reused = metric(&m, "carrot_prompt_tokens_reused_total") - reused_before;
+    let prompt3 = usage3["prompt_tokens"].as_f64().expect("prompt_tokens");
+    assert!(
+        reused >= prompt2 && reused < prompt3,
+        "turn 3 reused {reused} of {prompt3} (turn 2's prompt: {prompt2})"
+    );
 }
 
 #[test]

@@ -221,10 +221,7 @@ impl Scheduler {
     }
 
     /// Prompt ids, the request with its images' features, and the images' content keys.
-    fn prepare(
-        &mut self,
-        job: &Job,
-    ) -> Result<Prepared, ApiError> {
+    fn prepare(&mut self, job: &Job) -> Result<Prepared, ApiError> {
         let pipeline = &mut self.pipeline;
         let input = &job.input;
         let prompt_ids = match &input.prompt {
