@@ -360,3 +360,34 @@ fn unusable_manifests_are_one_line_errors() {
         assert_one_line_error(&cmd.output().expect("run carrot"), needle);
     }
 }
+
+/// Every flag each `carrot` command accepts is documented in the contract's command lines or
+/// notes, and in the README's (users read them there, not in `--help`).
+#[test]
+fn every_flag_is_documented() {
+    let contract = std::fs::read_to_string(root().join("docs/contract.md")).expect("contract.md");
+    let readme = std::fs::read_to_string(root().join("README.md")).expect("README.md");
+    for command in ["generate", "chat", "serve", "perplexity", "deploy"] {
+        let out = carrot()
+            .args([command, "--help"])
+            .output()
+            .expect("carrot runs");
+        assert!(out.status.success(), "carrot {command} --help");
+        let help = String::from_utf8_lossy(&out.stdout);
+        // `--name` as it starts a word of the help text, whatever punctuation follows.
+        let flags: Vec<&str> = help
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+            .filter(|w| w.starts_with("--") && w.len() > 2)
+            .filter(|w| *w != "--help" && *w != "--version")
+            .collect();
+        assert!(!flags.is_empty(), "{command}: no flags in:\n{help}");
+        for flag in flags {
+            for (doc, text) in [("docs/contract.md", &contract), ("README.md", &readme)] {
+                assert!(
+                    text.contains(flag),
+                    "carrot {command} {flag} is not in {doc}"
+                );
+            }
+        }
+    }
+}
