@@ -154,12 +154,7 @@ impl Scheduler {
         }
         if Instant::now() >= job.deadline {
             let e = timed_out(&job);
-            self.end(
-                job,
-                started,
-                Outcome::Error(&e),
-                Some(Reply::Failed(e.clone())),
-            );
+            self.fail_request(job, started, e);
             return;
         }
         let prepared = std::panic::catch_unwind(AssertUnwindSafe(|| self.prepare(&job)))
@@ -171,12 +166,7 @@ impl Scheduler {
         let (mut request, prompt_ids, keys) = match prepared {
             Ok(prepared) => prepared,
             Err(e) => {
-                self.end(
-                    job,
-                    started,
-                    Outcome::Error(&e),
-                    Some(Reply::Failed(e.clone())),
-                );
+                self.fail_request(job, started, e);
                 return;
             }
         };
@@ -190,12 +180,7 @@ impl Scheduler {
         let sequence = match self.start_sequence(row, choice, &mut request) {
             Ok(sequence) => sequence,
             Err(e) => {
-                self.end(
-                    job,
-                    started,
-                    Outcome::Error(&e),
-                    Some(Reply::Failed(e.clone())),
-                );
+                self.fail_request(job, started, e);
                 return;
             }
         };
@@ -339,12 +324,7 @@ impl Scheduler {
                 self.forget(row);
                 let active = self.rows[row].take().expect("checked");
                 let e = timed_out(&active.job);
-                self.end(
-                    active.job,
-                    active.started,
-                    Outcome::Error(&e),
-                    Some(Reply::Failed(e.clone())),
-                );
+                self.fail_request(active.job, active.started, e);
             }
         }
     }
@@ -460,12 +440,7 @@ impl Scheduler {
                     active.last_token = None;
                     self.rows[row] = Some(active);
                 }
-                Err(e) => self.end(
-                    active.job,
-                    active.started,
-                    Outcome::Error(&e),
-                    Some(Reply::Failed(e.clone())),
-                ),
+                Err(e) => self.fail_request(active.job, active.started, e),
             }
             return;
         }
@@ -490,12 +465,7 @@ impl Scheduler {
     fn fail(&mut self, row: usize, e: &ApiError) {
         self.forget(row);
         if let Some(active) = self.rows[row].take() {
-            self.end(
-                active.job,
-                active.started,
-                Outcome::Error(e),
-                Some(Reply::Failed(e.clone())),
-            );
+            self.fail_request(active.job, active.started, e.clone());
         }
     }
 
@@ -508,6 +478,16 @@ impl Scheduler {
     /// Forget what `row` holds: its request ended midway, so its cache is only partly known.
     fn forget(&mut self, row: usize) {
         self.held[row] = Held::default();
+    }
+
+    /// The request ends with `e`.
+    fn fail_request(&self, job: Job, started: Instant, e: ApiError) {
+        self.end(
+            job,
+            started,
+            Outcome::Error(&e),
+            Some(Reply::Failed(e.clone())),
+        );
     }
 
     /// The request is over: metrics, its log line, and its last reply.
