@@ -98,7 +98,7 @@ print(f"| {sys.argv[1]} | {r['clients']} | {r['requests_per_s']:.2f} | {r['token
 PY
     RATE[$label,$c]="$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["tokens_per_s"])' "$json")"
     e="$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["exact"] or "")' "$json")"
-    [[ -n "$e" ]] && EXACT="$e of $c"
+    if [[ -n "$e" ]]; then EXACT="$e of $c"; fi
   done
 }
 ratio() { python3 -c 'import sys; print(f"{float(sys.argv[1]) / float(sys.argv[2]):.2f}")' "$1" "$2"; }
@@ -123,7 +123,9 @@ first="${CLIENTS%% *}"
 last="${CLIENTS##* }"
 echo
 echo "carrot, $last clients: $(ratio "${RATE[carrot,$last]}" "${RATE[carrot,$first]}")x the aggregate tokens/s of $first"
-[[ -n "$EXACT" ]] && echo "carrot, token-exact: $EXACT greedy answers in one batch equal the answers alone"
+if [[ -n "$EXACT" ]]; then
+  echo "carrot, token-exact: $EXACT greedy answers in one batch equal the answers alone"
+fi
 if [[ -n "$PEER_BIN" ]]; then
   echo "llama.cpp, $last clients: $(ratio "${RATE[llama.cpp,$last]}" "${RATE[llama.cpp,$first]}")x the aggregate tokens/s of $first"
   for c in $CLIENTS; do
