@@ -11,7 +11,8 @@
 # --peer-llama-server runs llama.cpp's server (`--parallel` = --max-batch slots, continuous
 # batching, 2 threads) on the GGUF the SmolLM2 checkpoint was converted from (its own Q4_1
 # quantization; --peer-gguf for another) under the same load, after carrot, and reports carrot's
-# tokens/s as a multiple of the peer's for each client count.
+# tokens/s as a multiple of the peer's for each client count (scripts/build-llama-server.sh builds
+# it into target/peers/llama-server/).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
