@@ -363,10 +363,12 @@ impl Engine {
         Ok(HostRows::from_value(value, "inputs_embeds")?.1)
     }
 
-    /// Whether the decoder keeps its cache in one preallocated buffer per layer
-    /// (`kv_cache: "shared"`), bound as both past and present.
-    fn shared_cache(&self) -> bool {
-        self.manifest.kv_cache == "shared"
+    /// With `kv_cache: "shared"`, the decoder keeps its cache in one preallocated buffer per
+    /// layer, bound as both past and present, of at most this many positions (`max_sequence`).
+    fn shared_capacity(&self) -> Option<usize> {
+        self.manifest
+            .max_sequence
+            .filter(|_| self.manifest.kv_cache == "shared")
     }
 
     /// Keep the first `len` positions of `cache`.
@@ -374,7 +376,7 @@ impl Engine {
         if len >= cache.len {
             return Ok(());
         }
-        if !self.shared_cache() {
+        if self.shared_capacity().is_none() {
             for value in &mut cache.values {
                 *value = match self.act {
                     ActDType::F32 => truncated::<f32>(value, len)?,
@@ -391,7 +393,7 @@ impl Engine {
     /// A cache holding no positions.
     pub fn empty_cache(&self) -> Result<KvCache, EngineError> {
         let t = &self.manifest.text;
-        if let (true, Some(max)) = (self.shared_cache(), self.manifest.max_sequence) {
+        if let Some(max) = self.shared_capacity() {
             let capacity = max.min(crate::kv_shared::INITIAL_CAPACITY);
             let values = crate::kv_shared::allocate(
                 self.act,
@@ -474,15 +476,12 @@ impl Engine {
         Ok(embeds)
     }
 
-    /// Runs the decoder on the new positions of `input` (extending `cache`) and hands the logits
-    /// it returned — `[rows, vocab]`, every new position when the manifest says `logits: "all"`,
-    /// else only the last — to `read`, without copying them.
-    pub fn run_decoder<T>(
+    /// The decoder's non-cache inputs for one sequence's step: `inputs_embeds` (text and image
+    /// rows spliced), `attention_mask` and `position_ids`, batch 1.
+    pub(crate) fn step_inputs(
         &mut self,
-        cache: &mut KvCache,
         input: &StepInput<'_, ImageFeatures>,
-        read: impl FnOnce(&[f32], usize) -> T,
-    ) -> Result<T, EngineError> {
+    ) -> Result<[(&'static str, DynValue); 3], EngineError> {
         let hidden = self.manifest.text.hidden_size;
         let seq = input.seq_len();
         let embeds = self.input_embeds(input.segments, input.images)?;
@@ -492,7 +491,6 @@ impl Engine {
                 format!("{} values for {seq} positions", embeds.len()),
             ));
         }
-        let embeds = embeds.into_value(vec![1, seq, hidden])?;
         let mask = Tensor::from_array((
             vec![1usize, input.attention_mask.len()],
             input.attention_mask.to_vec(),
@@ -500,35 +498,66 @@ impl Engine {
         .map_err(|e| run_err("attention_mask", e))?;
         let positions = Tensor::from_array((vec![1usize, seq], input.position_ids.to_vec()))
             .map_err(|e| run_err("position_ids", e))?;
+        Ok([
+            (
+                names::INPUTS_EMBEDS,
+                embeds.into_value(vec![1, seq, hidden])?,
+            ),
+            (names::ATTENTION_MASK, mask.into_dyn()),
+            (names::POSITION_IDS, positions.into_dyn()),
+        ])
+    }
 
-        if let Some(max) = self.manifest.max_sequence.filter(|_| self.shared_cache()) {
-            let needed = input.past_len + seq;
-            if needed > max {
-                return Err(run_err(
-                    "decoder.onnx",
-                    format!("{needed} positions do not fit the KV cache of max_sequence {max}"),
-                ));
-            }
-            let capacity = crate::kv_shared::capacity(&cache.values);
-            if needed > capacity {
-                let t = &self.manifest.text;
-                crate::kv_shared::grow(
-                    &mut cache.values,
-                    self.act,
-                    crate::kv_shared::Placement::of(&self.device),
-                    (t.num_kv_heads, t.head_dim),
-                    input.past_len,
-                    needed.max(2 * capacity).min(max),
-                )?;
-            }
-            let inputs = vec![
-                (names::INPUTS_EMBEDS, embeds),
-                (names::ATTENTION_MASK, mask.into_dyn()),
-                (names::POSITION_IDS, positions.into_dyn()),
-            ];
+    /// Grow the shared-cache `buffers` (`[1, heads, capacity, head_dim]` each, any number of
+    /// heads) to hold `needed` positions, keeping the first `used`; refuse beyond
+    /// `max_sequence`. Capacity doubles, so growth happens a logarithmic number of times.
+    pub(crate) fn fit_shared(
+        &self,
+        buffers: &mut [DynValue],
+        used: usize,
+        needed: usize,
+    ) -> Result<(), EngineError> {
+        let max = self.shared_capacity().unwrap_or(usize::MAX);
+        if needed > max {
+            return Err(run_err(
+                "decoder.onnx",
+                format!("{needed} positions do not fit the KV cache of max_sequence {max}"),
+            ));
+        }
+        let capacity = crate::kv_shared::capacity(buffers);
+        if needed > capacity {
+            let heads = buffers
+                .first()
+                .and_then(|b| b.shape().get(1).copied())
+                .map_or(0, |h| h.max(0) as usize);
+            crate::kv_shared::grow(
+                buffers,
+                self.act,
+                crate::kv_shared::Placement::of(&self.device),
+                (heads, self.manifest.text.head_dim),
+                used,
+                needed.max(2 * capacity).min(max),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Runs the decoder on the new positions of `input` (extending `cache`) and hands the logits
+    /// it returned — `[rows, vocab]`, every new position when the manifest says `logits: "all"`,
+    /// else only the last — to `read`, without copying them.
+    pub fn run_decoder<T>(
+        &mut self,
+        cache: &mut KvCache,
+        input: &StepInput<'_, ImageFeatures>,
+        read: impl FnOnce(&[f32], usize) -> T,
+    ) -> Result<T, EngineError> {
+        let [embeds, mask, positions] = self.step_inputs(input)?;
+        let needed = input.past_len + input.seq_len();
+        if self.shared_capacity().is_some() {
+            self.fit_shared(&mut cache.values, input.past_len, needed)?;
             let result = crate::kv_shared::run(
                 &mut self.decoder,
-                inputs,
+                vec![embeds, mask, positions],
                 &mut cache.values,
                 (&self.past_names, &self.present_names),
                 &self.logits_memory,
@@ -540,9 +569,9 @@ impl Engine {
         let layers = self.manifest.text.num_layers;
         let mut feeds: Vec<(&str, ort::session::SessionInputValue<'_>)> =
             Vec::with_capacity(3 + 2 * layers);
-        feeds.push((names::INPUTS_EMBEDS, embeds.into()));
-        feeds.push((names::ATTENTION_MASK, mask.into_dyn().into()));
-        feeds.push((names::POSITION_IDS, positions.into_dyn().into()));
+        for (name, value) in [embeds, mask, positions] {
+            feeds.push((name, value.into()));
+        }
         for (name, value) in self.past_names.iter().zip(&cache.values) {
             feeds.push((name.as_str(), value.into()));
         }
@@ -561,7 +590,7 @@ impl Engine {
         }
         drop(outputs);
         cache.values = next;
-        cache.len = input.past_len + seq;
+        cache.len = needed;
         Ok(result)
     }
 }

@@ -49,15 +49,6 @@ impl HostRows {
         }
     }
 
-    /// Append `n` zeros.
-    pub(crate) fn extend_zeros(&mut self, n: usize) {
-        match self {
-            HostRows::F32(d) => d.resize(d.len() + n, 0.0),
-            HostRows::F16(d) => d.resize(d.len() + n, f16::ZERO),
-            HostRows::BF16(d) => d.resize(d.len() + n, bf16::ZERO),
-        }
-    }
-
     /// Append `src[start..end]` (element indices) to self; both must have the same dtype.
     pub(crate) fn extend_from(
         &mut self,

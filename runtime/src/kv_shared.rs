@@ -268,8 +268,10 @@ pub(crate) unsafe fn row_views(
             .view()
             .downcast::<ort::value::DynTensorValueType>()
             .map_err(|e| err("KV cache", e))?;
-        let total = tensor.memory_info().allocation_device();
-        debug_assert_eq!(total, memory.allocation_device());
+        debug_assert_eq!(
+            tensor.memory_info().allocation_device(),
+            memory.allocation_device()
+        );
         let base = tensor.data_ptr().cast_mut().cast::<u8>();
         // SAFETY: `rows` lies within the buffer (the caller's batch has that many rows of
         // `row_bytes`), so the view covers memory the buffer owns.

@@ -24,7 +24,6 @@ use crate::generate::{
     Decode, Event, GenerateError, Model, Output, Request, Segment, Sequence, StepInput, Work,
     prompt_segments,
 };
-use crate::host_rows::HostRows;
 use crate::kv_shared::{self, Placement};
 
 /// The KV caches of up to [`BatchCache::rows`] sequences.
@@ -246,8 +245,8 @@ impl Engine {
     pub fn batch_cache(&self, rows: usize) -> Result<BatchCache, EngineError> {
         let rows = rows.max(1);
         let t = &self.manifest.text;
-        let store = match (self.shared_cache(), self.manifest.max_sequence) {
-            (true, Some(max)) => Store::Shared(kv_shared::allocate(
+        let store = match self.shared_capacity() {
+            Some(max) => Store::Shared(kv_shared::allocate(
                 self.act,
                 Placement::of(&self.device),
                 t.num_layers,
@@ -255,7 +254,7 @@ impl Engine {
                 max.min(kv_shared::INITIAL_CAPACITY),
                 t.head_dim,
             )?),
-            _ => Store::Separate(
+            None => Store::Separate(
                 (0..rows)
                     .map(|_| self.empty_cache())
                     .collect::<Result<_, _>>()?,
@@ -293,44 +292,26 @@ impl Engine {
     ) -> Result<Vec<f32>, EngineError> {
         check_row(cache, row)?;
         let past = cache.lens[row];
-        let seq: usize = segments.iter().map(Segment::len).sum();
-        let end = past + seq;
+        let end = past + segments.iter().map(Segment::len).sum::<usize>();
         let mask = vec![1i64; end];
         let positions: Vec<i64> = (past..end).map(|p| p as i64).collect();
-        let last = |logits: &[f32], vocab: usize| logits[logits.len() - vocab..].to_vec();
-        let buffers = match &mut cache.store {
-            Store::Separate(caches) => {
-                let input = StepInput {
-                    segments,
-                    images,
-                    position_ids: &positions,
-                    attention_mask: &mask,
-                    past_len: past,
-                };
-                let logits = self.run_decoder(&mut caches[row], &input, last)?;
-                cache.lens[row] = end;
-                return Ok(logits);
-            }
-            Store::Shared(buffers) => buffers,
+        let input = StepInput {
+            segments,
+            images,
+            position_ids: &positions,
+            attention_mask: &mask,
+            past_len: past,
         };
-        self.fit(buffers, &[end])?;
-        let hidden = self.manifest.text.hidden_size;
-        let embeds = self.input_embeds(segments, images)?;
-        if embeds.len() != seq * hidden {
-            return Err(run_err(
-                "inputs_embeds",
-                format!("{} values for {seq} positions", embeds.len()),
-            ));
-        }
-        let inputs = vec![
-            (
-                names::INPUTS_EMBEDS,
-                embeds.into_value(vec![1, seq, hidden])?,
-            ),
-            (names::ATTENTION_MASK, int_value(vec![1, end], mask)?),
-            (names::POSITION_IDS, int_value(vec![1, seq], positions)?),
-        ];
-        let logits = self.run_rows(buffers, row..row + 1, inputs, last)?;
+        let last = |logits: &[f32], vocab: usize| logits[logits.len() - vocab..].to_vec();
+        let logits = match &mut cache.store {
+            Store::Separate(caches) => self.run_decoder(&mut caches[row], &input, last)?,
+            Store::Shared(buffers) => {
+                let inputs = self.step_inputs(&input)?;
+                let used = cache.lens.iter().copied().max().unwrap_or(0);
+                self.fit_shared(buffers, used, end)?;
+                self.run_rows(buffers, row..row + 1, inputs.into(), last)?
+            }
+        };
         cache.lens[row] = end;
         Ok(logits)
     }
@@ -356,46 +337,32 @@ impl Engine {
         let Some(n) = tokens.iter().map(|&(row, _)| row + 1).max() else {
             return Ok(Vec::new());
         };
-        let max = self.manifest.max_sequence.unwrap_or(usize::MAX);
-        let mut token_of = vec![None; n];
-        for (i, &(row, token)) in tokens.iter().enumerate() {
-            if token_of[row].replace((i, token)).is_some() {
+        // Rows without a token ride along on id 0; what they write is thrown away.
+        let mut ids: Vec<Option<u32>> = vec![None; n];
+        for &(row, token) in tokens {
+            if ids[row].replace(token).is_some() {
                 return Err(run_err("decode_rows", format!("row {row} appears twice")));
-            }
-            if cache.lens[row] + 1 > max {
-                return Err(run_err(
-                    "decoder.onnx",
-                    format!(
-                        "{} positions do not fit the KV cache of max_sequence {max}",
-                        cache.lens[row] + 1
-                    ),
-                ));
             }
         }
         // A row without a token writes its throw-away position just past what it holds; a row
         // that holds a full context gives up its last position for it.
-        for (row, token) in token_of.iter().enumerate() {
-            if token.is_none() && cache.lens[row] >= max {
+        let max = self.shared_capacity().unwrap_or(usize::MAX);
+        for (row, id) in ids.iter().enumerate() {
+            if id.is_none() && cache.lens[row] >= max {
                 cache.lens[row] = max - 1;
             }
         }
         let ends: Vec<usize> = cache.lens[..n].iter().map(|&len| len + 1).collect();
+        let total = ends.iter().copied().max().unwrap_or(1);
+        let used = cache.lens.iter().copied().max().unwrap_or(0);
         let Store::Shared(buffers) = &mut cache.store else {
             unreachable!("handled above");
         };
-        self.fit(buffers, &ends)?;
+        self.fit_shared(buffers, used, total)?;
 
         let hidden = self.manifest.text.hidden_size;
-        let ids: Vec<u32> = tokens.iter().map(|&(_, token)| token).collect();
-        let embedded = self.embed(&ids)?;
-        let mut embeds = HostRows::empty(self.act);
-        for token in &token_of {
-            match token {
-                Some((i, _)) => embeds.extend_from(&embedded, i * hidden, (i + 1) * hidden)?,
-                None => embeds.extend_zeros(hidden),
-            }
-        }
-        let total = ends.iter().copied().max().unwrap_or(1);
+        let ids: Vec<u32> = ids.iter().map(|id| id.unwrap_or(0)).collect();
+        let embeds = self.embed(&ids)?;
         let mut mask = Vec::with_capacity(n * total);
         for &end in &ends {
             mask.extend((0..total).map(|p| i64::from(p < end)));
@@ -416,35 +383,6 @@ impl Engine {
             cache.lens[row] += 1;
         }
         Ok(logits)
-    }
-
-    /// Grow the shared buffers to hold `ends` (positions per row), within `max_sequence`.
-    fn fit(&self, buffers: &mut [DynValue], ends: &[usize]) -> Result<(), EngineError> {
-        let needed = ends.iter().copied().max().unwrap_or(0);
-        let max = self.manifest.max_sequence.unwrap_or(usize::MAX);
-        if needed > max {
-            return Err(run_err(
-                "decoder.onnx",
-                format!("{needed} positions do not fit the KV cache of max_sequence {max}"),
-            ));
-        }
-        let capacity = kv_shared::capacity(buffers);
-        if needed > capacity {
-            let t = &self.manifest.text;
-            let heads = buffers
-                .first()
-                .and_then(|b| b.shape().get(1).copied())
-                .map_or(0, |h| h.max(0) as usize);
-            kv_shared::grow(
-                buffers,
-                self.act,
-                Placement::of(&self.device),
-                (heads, t.head_dim),
-                capacity,
-                needed.max(2 * capacity).min(max),
-            )?;
-        }
-        Ok(())
     }
 
     /// One decoder run over rows `rows` of the shared buffers, bound in place.
