@@ -21,8 +21,8 @@ use super::openai::LogprobEntry;
 use super::stop::{Filtered, StopText};
 use super::structured::Grammars;
 use super::worker::{
-    ImageCache, ImageKey, Job, Outcome, Reply, WorkerLimits, image_key, log_request, logprob_entry,
-    send_text, timed_out,
+    ImageCache, ImageKey, Job, Outcome, Reply, image_key, log_request, logprob_entry, send_text,
+    timed_out,
 };
 use carrot_runtime::engine::{BatchCache, ImageFeatures, Running};
 use carrot_runtime::generate::{Event, Request, Sequence};
@@ -48,7 +48,7 @@ struct Active {
     pending: Vec<LogprobEntry>,
     first_token: Option<Instant>,
     last_token: Option<Instant>,
-    prompt_tokens: usize,
+    /// Tokens of the choices done so far.
     completion_tokens: usize,
 }
 
@@ -75,7 +75,7 @@ pub(super) struct Scheduler {
 impl Scheduler {
     pub(super) fn new(
         pipeline: Pipeline,
-        limits: WorkerLimits,
+        limits: super::Limits,
         metrics: Arc<Metrics>,
     ) -> Result<Self, ApiError> {
         let rows = limits.max_batch.max(1);
@@ -200,7 +200,6 @@ impl Scheduler {
             pending: Vec::new(),
             first_token: None,
             last_token: None,
-            prompt_tokens: 0,
             completion_tokens: 0,
         });
     }
@@ -236,24 +235,27 @@ impl Scheduler {
         Ok((request, prompt_ids, keys))
     }
 
-    /// The free row for a new request: the one sharing the longest prefix with it, else the
+    /// The free row for a new request: the one holding the longest prefix of it, else the
     /// lowest (a decode step runs every row up to the highest busy one, so busy rows are kept
     /// low).
     fn pick_row(&self, prompt_ids: &[i64], keys: &[ImageKey]) -> usize {
-        let free = (0..self.rows.len()).filter(|&r| self.rows[r].is_none());
-        let shared = |r: usize| {
-            let held = &self.held[r];
-            if held.images != keys {
-                return 0;
-            }
-            held.ids
-                .iter()
-                .zip(prompt_ids)
-                .take_while(|(a, b)| a == b)
-                .count()
-        };
-        free.max_by_key(|&r| (shared(r), std::cmp::Reverse(r)))
+        (0..self.rows.len())
+            .filter(|&r| self.rows[r].is_none())
+            .max_by_key(|&r| (self.reusable(r, prompt_ids, keys), std::cmp::Reverse(r)))
             .expect("admit is called with a free row")
+    }
+
+    /// Positions of a prompt (`prompt_ids` with images `keys`) that `row` already holds: the
+    /// prefix it shares with what the row's last request left, within what the row still holds
+    /// (a row that filled its context gives up its last position to later batch steps).
+    fn reusable(&self, row: usize, prompt_ids: &[i64], keys: &[ImageKey]) -> usize {
+        let held = &self.held[row];
+        if held.images != keys {
+            return 0;
+        }
+        self.pipeline
+            .shared_positions(&held.ids, prompt_ids)
+            .map_or(0, |shared| shared.min(self.cache.len(row)))
     }
 
     /// A sequence for choice `choice.index` on `row`, resuming from what the row holds.
@@ -263,16 +265,9 @@ impl Scheduler {
         choice: Choice<'_>,
         request: &mut Request<ImageFeatures>,
     ) -> Result<Sequence, ApiError> {
-        let held = std::mem::take(&mut self.held[row]);
-        let cached = if held.images == choice.keys {
-            // At most what the row still holds (a row that filled its context gives up its last
-            // position to later batch steps).
-            self.pipeline
-                .shared_positions(&held.ids, choice.prompt_ids)?
-                .min(self.cache.len(row))
-        } else {
-            0
-        };
+        let cached = self.reusable(row, choice.prompt_ids, choice.keys);
+        // From now on the row holds this sequence.
+        self.held[row] = Held::default();
         let params = &choice.job.input.params;
         if choice.index > 0 {
             // Each further choice samples on its own.
@@ -313,18 +308,16 @@ impl Scheduler {
     fn expire(&mut self) {
         let now = Instant::now();
         for row in 0..self.rows.len() {
-            let Some(active) = &self.rows[row] else {
-                continue;
+            let timeout = match &self.rows[row] {
+                Some(active) if active.job.client_gone() => None,
+                Some(active) if now >= active.job.deadline => Some(timed_out(&active.job)),
+                _ => continue,
             };
-            if active.job.client_gone() {
-                self.forget(row);
-                let active = self.rows[row].take().expect("checked");
-                self.end(active.job, active.started, Outcome::ClientGone, None);
-            } else if now >= active.job.deadline {
-                self.forget(row);
-                let active = self.rows[row].take().expect("checked");
-                let e = timed_out(&active.job);
-                self.fail_request(active.job, active.started, e);
+            self.forget(row);
+            let active = self.rows[row].take().expect("matched above");
+            match timeout {
+                None => self.end(active.job, active.started, Outcome::ClientGone, None),
+                Some(e) => self.fail_request(active.job, active.started, e),
             }
         }
     }
@@ -414,7 +407,6 @@ impl Scheduler {
             finish_reason,
         });
         let output = active.sequence.output();
-        active.prompt_tokens = output.prompt_tokens;
         active.completion_tokens += output.token_ids.len();
         // The row holds the prompt and every generated token but the last.
         if let Some((_, fed)) = output.token_ids.split_last() {
@@ -447,7 +439,7 @@ impl Scheduler {
         self.metrics
             .request_duration
             .observe(active.job.arrived().elapsed().as_secs_f64());
-        let (prompt_tokens, completion_tokens) = (active.prompt_tokens, active.completion_tokens);
+        let (prompt_tokens, completion_tokens) = (output.prompt_tokens, active.completion_tokens);
         self.end(
             active.job,
             active.started,

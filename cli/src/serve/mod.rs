@@ -281,18 +281,8 @@ impl Loading {
             vision: pipeline.engine.has_vision(),
             file_urls: !self.app.allow_remote,
         };
-        let limits = &self.app.limits;
-        let (worker, queue) = Worker::spawn(
-            pipeline,
-            worker::WorkerLimits {
-                max_queue: limits.max_queue,
-                max_batch: limits.max_batch,
-                prefill_chunk: limits.prefill_chunk,
-                image_cache: limits.image_cache,
-            },
-            self.app.metrics.clone(),
-        )
-        .map_err(ServeError::Worker)?;
+        let (worker, queue) = Worker::spawn(pipeline, self.app.limits, self.app.metrics.clone())
+            .map_err(ServeError::Worker)?;
         let _ = self.app.loaded.set(Loaded {
             capabilities,
             queue,

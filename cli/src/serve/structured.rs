@@ -48,9 +48,9 @@ impl ResponseFormat {
     }
 }
 
-/// Builds a parser per request from one factory per model.
+/// Builds a parser per request from one factory per model, made on first use.
 pub struct Grammars {
-    factory: Option<Arc<ParserFactory>>,
+    factory: Option<ParserFactory>,
 }
 
 impl Grammars {
@@ -67,15 +67,11 @@ impl Grammars {
         vocab: usize,
         eos: &[u32],
     ) -> Result<Box<dyn TokenConstraint>, ApiError> {
-        let factory = match &self.factory {
-            Some(factory) => factory.clone(),
-            None => {
-                let factory = Arc::new(factory(dir, vocab, eos).map_err(|e| {
-                    ApiError::internal(format!("structured output is unavailable: {e}"))
-                })?);
-                self.factory = Some(factory.clone());
-                factory
-            }
+        let factory = match &mut self.factory {
+            Some(factory) => factory,
+            none => none.insert(factory(dir, vocab, eos).map_err(|e| {
+                ApiError::internal(format!("structured output is unavailable: {e}"))
+            })?),
         };
         let parser = factory.create_parser(format.grammar()).map_err(|e| {
             ApiError::invalid(

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+use super::Limits;
 use super::batch::Scheduler;
 use super::convert::JobInput;
 use super::error::ApiError;
@@ -97,19 +98,6 @@ impl Queue {
     }
 }
 
-/// How the worker batches.
-#[derive(Debug, Clone, Copy)]
-pub struct WorkerLimits {
-    /// Requests waiting while others run.
-    pub max_queue: usize,
-    /// Requests generating at once (rows of the batch).
-    pub max_batch: usize,
-    /// Prompt positions prefilled per step.
-    pub prefill_chunk: usize,
-    /// Images whose features are kept.
-    pub image_cache: usize,
-}
-
 /// The worker thread; it ends once every [`Queue`] handle is dropped and the last job is done.
 #[derive(Debug)]
 pub struct Worker {
@@ -120,7 +108,7 @@ impl Worker {
     /// Starts the thread.
     pub fn spawn(
         pipeline: Pipeline,
-        limits: WorkerLimits,
+        limits: Limits,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<(Worker, Queue)> {
         let (jobs, rx) = mpsc::channel::<Job>(limits.max_queue.max(1));
