@@ -211,6 +211,18 @@ fn carrot_image_chunked_prefill_matches_reference_in_the_ort_flavor() {
     chunked_prefill_matches_reference(Flavor::Ort);
 }
 
+/// The records' greedy settings, prefilling 5 positions per step.
+fn greedy_in_chunks_of_5(engine: &carrot_runtime::engine::Engine) -> GenerateOptions {
+    GenerateOptions {
+        max_new_tokens: max_new_tokens(),
+        max_length: engine.manifest.prompt.max_length,
+        eos_token_ids: eos_token_ids(),
+        ignore_eos: false,
+        prefill_chunk: NonZeroUsize::new(5),
+        sampling: SamplingOptions::greedy(),
+    }
+}
+
 fn chunked_prefill_matches_reference(flavor: Flavor) {
     let rec = record("carrot_image");
     let exp = exported_flavor(Layout::Merged, WeightFormat::Float(DType::F32), flavor);
@@ -221,14 +233,7 @@ fn chunked_prefill_matches_reference(flavor: Flavor) {
     let request = Request {
         prompt: prompt_parts(&rec.input_ids),
         images,
-        options: GenerateOptions {
-            max_new_tokens: max_new_tokens(),
-            max_length: engine.manifest.prompt.max_length,
-            eos_token_ids: eos_token_ids(),
-            ignore_eos: false,
-            prefill_chunk: NonZeroUsize::new(5),
-            sampling: SamplingOptions::greedy(),
-        },
+        options: greedy_in_chunks_of_5(&engine),
     };
     let out = generate::generate(&mut engine, &IdText, &request, |_| {})
         .unwrap_or_else(|e| panic!("{e}"));
@@ -297,14 +302,7 @@ fn batched_generation_reproduces_every_record_in_both_flavors() {
                 } else {
                     Vec::new()
                 },
-                options: GenerateOptions {
-                    max_new_tokens: max_new_tokens(),
-                    max_length: engine.manifest.prompt.max_length,
-                    eos_token_ids: eos_token_ids(),
-                    ignore_eos: false,
-                    prefill_chunk: NonZeroUsize::new(5),
-                    sampling: SamplingOptions::greedy(),
-                },
+                options: greedy_in_chunks_of_5(&engine),
             })
             .collect();
         assert_eq!(
