@@ -10,7 +10,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use carrot_graphs::config::DType;
 use carrot_graphs::llama::Logits;
@@ -94,34 +93,18 @@ struct HostOutput {
 }
 
 fn run_host(python: &Path, model: &Path, record: &Record) -> HostOutput {
-    let script = workspace().join("examples/python/carrot_host.py");
-    let mut cmd = Command::new(python);
-    cmd.arg(&script)
-        .arg("--model")
-        .arg(model)
-        .args(["--prompt", record.prompt()]);
-    cmd.args([
-        "--max-new-tokens",
-        &record.output_ids.len().to_string(),
-        "--json",
-    ]);
-    if let Some(image) = &record.image {
-        cmd.arg("--image")
-            .arg(workspace().join("fixtures/images").join(image));
-    }
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "{} failed ({}):\n{stderr}",
-        script.display(),
-        out.status
+    let image = record
+        .image
+        .as_ref()
+        .map(|image| workspace().join("fixtures/images").join(image));
+    let json = carrot_tests::run_python_host(
+        python,
+        model,
+        record.prompt(),
+        record.output_ids.len(),
+        image.as_deref(),
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(stdout.trim())
-        .unwrap_or_else(|e| panic!("host output is not the JSON object ({e}):\n{stdout}\n{stderr}"))
+    serde_json::from_value(json).unwrap_or_else(|e| panic!("host output: {e}"))
 }
 
 /// `record`'s prompt (and image) through `Pipeline`, greedily, as many tokens as the golden has.

@@ -219,33 +219,11 @@ struct HostOutput {
 }
 
 fn run_python_host(model: &Path, prompt: &str, max_new_tokens: usize) -> HostOutput {
-    let python = std::env::var_os("CARROT_PYTHON")
+    let python: PathBuf = std::env::var_os("CARROT_PYTHON")
         .filter(|p| !p.is_empty())
-        .unwrap_or_else(|| "python3".into());
-    let script = workspace().join("examples/python/carrot_host.py");
-    let out = Command::new(&python)
-        .arg(&script)
-        .arg("--model")
-        .arg(model)
-        .args([
-            "--prompt",
-            prompt,
-            "--max-new-tokens",
-            &max_new_tokens.to_string(),
-            "--json",
-        ])
-        .output()
-        .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "{} failed ({}); it needs tests/python/requirements.txt in $CARROT_PYTHON:\n{stderr}",
-        script.display(),
-        out.status
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(stdout.trim())
-        .unwrap_or_else(|e| panic!("host output is not the JSON object ({e}):\n{stdout}"))
+        .map_or_else(|| "python3".into(), PathBuf::from);
+    let json = carrot_tests::run_python_host(&python, model, prompt, max_new_tokens, None);
+    serde_json::from_value(json).unwrap_or_else(|e| panic!("host output: {e}"))
 }
 
 #[derive(Deserialize)]

@@ -119,6 +119,41 @@ pub fn run_python_script(
     })
 }
 
+/// `examples/python/carrot_host.py --model MODEL --prompt PROMPT --max-new-tokens N --json
+/// [--image IMAGE]` under `python`: the JSON object it prints. Panics with its stderr when it fails.
+pub fn run_python_host(
+    python: &Path,
+    model: &Path,
+    prompt: &str,
+    max_new_tokens: usize,
+    image: Option<&Path>,
+) -> serde_json::Value {
+    let script = workspace_root().join("examples/python/carrot_host.py");
+    let mut cmd = Command::new(python);
+    cmd.arg(&script)
+        .arg("--model")
+        .arg(model)
+        .args(["--prompt", prompt])
+        .args(["--max-new-tokens", &max_new_tokens.to_string(), "--json"]);
+    if let Some(image) = image {
+        cmd.arg("--image").arg(image);
+    }
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{} failed ({}); it needs tests/python/requirements.txt in {}:\n{stderr}",
+        script.display(),
+        out.status,
+        python.display()
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("host output is not the JSON object ({e}):\n{stdout}\n{stderr}"))
+}
+
 /// How far `actual` is from `expected` under `|a - e| <= atol + rtol * |e|`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Closeness {
