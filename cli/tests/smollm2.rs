@@ -47,6 +47,13 @@ struct Message {
     content: String,
 }
 
+/// `fixtures/smollm2/goldens.json`: transformers' prompts and greedy answers.
+fn goldens() -> Goldens {
+    let path = workspace().join("fixtures/smollm2/goldens.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
 /// The conversation as `carrot` takes it: user turns, each with the answer that followed.
 fn turns(messages: &[Message]) -> Vec<Turn> {
     let mut turns: Vec<Turn> = Vec::new();
@@ -119,11 +126,7 @@ fn smollm2_greedy_generation_equals_transformers() {
         return;
     }
     let start = Instant::now();
-    let goldens_path = workspace().join("fixtures/smollm2/goldens.json");
-    let text = std::fs::read_to_string(&goldens_path)
-        .unwrap_or_else(|e| panic!("{}: {e}", goldens_path.display()));
-    let goldens: Goldens =
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", goldens_path.display()));
+    let goldens = goldens();
 
     let hf = fetch();
     let fetched = start.elapsed();
@@ -332,11 +335,7 @@ fn smollm2_batched_generation_is_token_exact() {
         eprintln!("skipping the SmolLM2-135M-Instruct batching test: {reason}");
         return;
     }
-    let path = workspace().join("fixtures/smollm2/goldens.json");
-    let goldens: Goldens = serde_json::from_str(
-        &std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
-    )
-    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let goldens = goldens();
     let hf = fetch();
     let tmp = tempfile::tempdir().expect("temporary directory");
     for format in ["fp32", "int4"] {
@@ -357,6 +356,7 @@ fn smollm2_batched_generation_is_token_exact() {
             prefill_chunk: std::num::NonZeroUsize::new(7),
             ..Params::default()
         };
+        let sentinel = pipeline.engine.manifest.prompt.image_token_index;
         let mut requests = Vec::new();
         let mut names = Vec::new();
         for _ in 0..2 {
@@ -364,7 +364,7 @@ fn smollm2_batched_generation_is_token_exact() {
                 let prompt = Prompt::Conversation(turns(&record.messages));
                 let ids = pipeline.prompt_ids(&prompt, 0).expect("prompt ids");
                 requests.push(Request {
-                    prompt: split_prompt(&ids, -200).expect("text ids"),
+                    prompt: split_prompt(&ids, sentinel).expect("text ids"),
                     images: Vec::new(),
                     options: pipeline.options(&params),
                 });
