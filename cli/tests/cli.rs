@@ -1,15 +1,9 @@
 //! The `carrot` command line: JSON output shape, one-line errors, no panics.
 
+use carrot_tests::workspace_root as root;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace")
-        .to_path_buf()
-}
 
 fn carrot() -> Command {
     Command::new(env!("CARGO_BIN_EXE_carrot"))

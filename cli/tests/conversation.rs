@@ -11,13 +11,7 @@ use carrot_graphs::llama::Logits;
 use carrot_runtime::engine::LoadOptions;
 use carrot_runtime::pipeline::{ImageSource, Params, Pipeline, Prompt};
 use carrot_runtime::prompt::Turn;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace")
-        .to_path_buf()
-}
+use carrot_tests::workspace_root as root;
 
 fn export_fixture(name: &str, flavor: &str, dir: &Path) -> PathBuf {
     let out = dir.join(format!("{name}-{flavor}"));

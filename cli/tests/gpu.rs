@@ -8,13 +8,7 @@ use std::path::{Path, PathBuf};
 use carrot_runtime::device::Device;
 use carrot_runtime::engine::LoadOptions;
 use carrot_runtime::pipeline::{ImageSource, Params, Pipeline, Prompt};
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace")
-        .to_path_buf()
-}
+use carrot_tests::workspace_root as root;
 
 fn export(dtype: carrot_graphs::config::DType, dir: &Path) -> PathBuf {
     let out = dir.join("carrot-tiny");

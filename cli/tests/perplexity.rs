@@ -11,14 +11,8 @@ use carrot_graphs::config::DType;
 use carrot_graphs::llama::Logits;
 use carrot_runtime::engine::LoadOptions;
 use carrot_runtime::pipeline::Pipeline;
+use carrot_tests::workspace_root as root;
 use serde::Deserialize;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace")
-        .to_path_buf()
-}
 
 #[derive(Deserialize)]
 struct Goldens {

@@ -13,16 +13,10 @@ use carrot::serve::{self, Limits, Settings};
 use carrot_runtime::engine::LoadOptions;
 use carrot_runtime::pipeline::{ImageSource, Params, Pipeline, Prompt};
 use carrot_runtime::prompt::Message;
+use carrot_tests::workspace_root as root;
 use serde_json::{Value, json};
 
 const QUESTION: &str = "What is in this picture?";
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
 
 fn chelsea() -> PathBuf {
     root().join("fixtures/images/chelsea.png")

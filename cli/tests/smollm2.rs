@@ -18,12 +18,8 @@ use carrot_graphs::llama::Logits;
 use carrot_runtime::engine::LoadOptions;
 use carrot_runtime::pipeline::{Params, Pipeline, Prompt};
 use carrot_runtime::prompt::Turn;
+use carrot_tests::workspace_root as workspace;
 use serde::Deserialize;
-
-fn workspace() -> PathBuf {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest.parent().unwrap_or(manifest).to_path_buf()
-}
 
 #[derive(Deserialize)]
 struct Goldens {
